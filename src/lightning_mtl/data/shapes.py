@@ -1,0 +1,210 @@
+"""Shapes: a procedurally generated multi-task image dataset that needs no files.
+
+Each sample is a small scene drawn from ``numpy.random.default_rng((seed, index))``, so it is
+deterministic from the seed and the index, costs no disk and is generated inside the data
+loader workers. A scene is a floor that recedes towards the top of the image and 1 to
+``max_objects`` coloured shapes (circle, square, triangle) standing at depths between
+``near`` and ``far``. Perspective ties the cues together: a nearer object is larger, brighter
+and occludes farther ones. That is what makes the tasks *related* (they share visual features,
+so a shared backbone helps) while their losses live on very different scales:
+
+========================  ======================  ===============================  =============
+target key                kind                    value                            usual loss
+========================  ======================  ===============================  =============
+``segmentation``          dense classification    H×W int64, 0 = floor, 1..3 shape  cross-entropy
+``depth``                 dense regression        1×H×W float32, depth units 2..12   L1 (~3 at start)
+``count``                 image regression        (1,) float32 visible objects      MSE (~5 at start)
+``dominant_color``        image classification    int64 colour of most object pixels cross-entropy
+``colors``                multi-label             (6,) float32 colours present      BCE
+========================  ======================  ===============================  =============
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SHAPES = ("circle", "square", "triangle")
+PALETTE = np.array(
+    [
+        [0.90, 0.15, 0.15],  # red
+        [0.15, 0.75, 0.20],  # green
+        [0.20, 0.35, 0.95],  # blue
+        [0.95, 0.85, 0.10],  # yellow
+        [0.85, 0.20, 0.85],  # magenta
+        [0.10, 0.85, 0.85],  # cyan
+    ],
+    dtype=np.float32,
+)
+COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
+# Normalisation of the generated images (roughly their mean and standard deviation).
+IMAGE_MEAN, IMAGE_STD = 0.42, 0.20
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """The knobs of the generator; defaults keep a 2-core CPU run under a few minutes."""
+
+    image_size: int = 64
+    max_objects: int = 5
+    near: float = 2.0
+    far: float = 12.0
+    noise: float = 0.04
+
+
+class ShapesDataset(Dataset[dict[str, Any]]):
+    """``length`` scenes drawn from ``seed``; item ``i`` is always the same scene."""
+
+    target_names = ("segmentation", "depth", "count", "dominant_color", "colors")
+    num_classes = {"segmentation": 1 + len(SHAPES), "dominant_color": len(PALETTE)}
+    num_labels = {"colors": len(PALETTE)}
+
+    def __init__(self, length: int, seed: int, scene: SceneConfig | None = None) -> None:
+        if length <= 0:
+            raise ValueError(f"ShapesDataset length must be positive, got {length}")
+        self.length = length
+        self.seed = seed
+        self.scene = scene or SceneConfig()
+        size = self.scene.image_size
+        self._yy, self._xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} scenes")
+        image, targets = self.render(np.random.default_rng((self.seed, index)))
+        image = (image - IMAGE_MEAN) / IMAGE_STD
+        sample_targets = {
+            key: torch.from_numpy(np.asarray(value)) for key, value in targets.items()
+        }
+        return {
+            "image": torch.from_numpy(image),
+            "targets": sample_targets,
+            "mask": {key: torch.tensor(True) for key in sample_targets},
+        }
+
+    def render(self, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Draw one scene: a 3×H×W image in [0, 1] and its targets."""
+        cfg, yy, xx = self.scene, self._yy, self._xx
+        size = cfg.image_size
+        # Floor: far at the top row, near at the bottom row; lit by a random tint.
+        depth = cfg.far + (cfg.near - cfg.far) * (yy / (size - 1))
+        tint = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+        shade = 1.0 - 0.6 * (depth - cfg.near) / (cfg.far - cfg.near)
+        image = shade[None] * tint[:, None, None] * 0.7
+        segmentation = np.zeros((size, size), dtype=np.int64)
+        owner = np.full((size, size), -1, dtype=np.int64)  # which object each pixel shows
+
+        count = int(rng.integers(1, cfg.max_objects + 1))
+        kinds = rng.integers(0, len(SHAPES), size=count)
+        colors = rng.integers(0, len(PALETTE), size=count)
+        depths = rng.uniform(cfg.near, cfg.far * 0.8, size=count).astype(np.float32)
+        centers = rng.uniform(0.1 * size, 0.9 * size, size=(count, 2)).astype(np.float32)
+        for i in np.argsort(-depths):  # painter's algorithm: far objects first
+            radius = size * 0.6 / depths[i] + 2.0
+            cy, cx = centers[i]
+            mask = _shape_mask(int(kinds[i]), yy - cy, xx - cx, radius)
+            brightness = 1.15 - 0.5 * (depths[i] - cfg.near) / (cfg.far - cfg.near)
+            image[:, mask] = (PALETTE[colors[i]] * brightness)[:, None]
+            segmentation[mask] = kinds[i] + 1
+            owner[mask] = i
+            depth = np.where(mask, depths[i], depth)
+
+        image = image + rng.normal(0.0, cfg.noise, size=image.shape).astype(np.float32)
+        area_by_color = np.bincount(colors[owner[owner >= 0]], minlength=len(PALETTE))
+        visible = np.unique(owner[owner >= 0])  # fully occluded objects are not counted
+        colors_present = np.zeros(len(PALETTE), dtype=np.float32)
+        colors_present[colors[visible]] = 1.0
+        targets = {
+            "segmentation": segmentation,
+            "depth": depth[None].astype(np.float32),
+            "count": np.array([len(visible)], dtype=np.float32),
+            # the colour covering the most visible object pixels (ties: the lower index)
+            "dominant_color": np.array(np.argmax(area_by_color), dtype=np.int64),
+            "colors": colors_present,
+        }
+        return np.clip(image, 0.0, 1.0).astype(np.float32), targets
+
+
+def _shape_mask(kind: int, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
+    if kind == 0:  # circle
+        return dy * dy + dx * dx <= radius * radius
+    if kind == 1:  # square
+        return (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+    # triangle, apex up: |dx| grows linearly from the apex to the base
+    return (dy >= -radius) & (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Train/val/test splits of :class:`ShapesDataset`, each drawn from its own seed.
+
+    The splits never share a scene: split ``s`` uses seed ``(seed, s)``. Under DDP, Lightning
+    injects a ``DistributedSampler`` into every loader, so each rank sees its own shard.
+    """
+
+    def __init__(
+        self,
+        train_size: int = 4096,
+        val_size: int = 512,
+        test_size: int = 512,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        seed: int = 0,
+        image_size: int = 64,
+        max_objects: int = 5,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.scene = SceneConfig(image_size=image_size, max_objects=max_objects)
+        self.splits: dict[str, ShapesDataset] = {}
+
+    # What the data provides, read by the model to check the task configs against the data.
+    target_names = ShapesDataset.target_names
+    num_classes = ShapesDataset.num_classes
+    num_labels = ShapesDataset.num_labels
+
+    def setup(self, stage: str | None = None) -> None:
+        sizes = {"train": self.hparams.train_size, "val": self.hparams.val_size}
+        sizes["test"] = self.hparams.test_size
+        for offset, (split, length) in enumerate(sizes.items()):
+            if split not in self.splits:
+                seed = int(np.random.SeedSequence((self.hparams.seed, offset)).generate_state(1)[0])
+                self.splits[split] = ShapesDataset(length, seed, self.scene)
+
+    def example_batch(self, size: int = 2) -> dict[str, Any]:
+        """A small batch from the validation split, used to check heads against labels."""
+        self.setup("validate")
+        dataset = self.splits["val"]
+        return torch.utils.data.default_collate(
+            [dataset[i] for i in range(min(size, len(dataset)))]
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

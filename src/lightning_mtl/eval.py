@@ -1,0 +1,62 @@
+"""Evaluate a checkpoint on the validation and test splits.
+
+    mtl-eval ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt
+    mtl-eval ckpt_path=... experiment=shapes_convnext   # the overrides the run was trained with
+
+The model is built from the same config as in training and the checkpoint's weights (the
+balancer's state included) are loaded strictly, so a config that does not match the
+checkpoint fails with the names of the missing or unexpected parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from lightning_mtl.errors import ConfigError
+from lightning_mtl.utils.setup import (
+    apply_extras,
+    configure_environment,
+    instantiate_mapping,
+    log_hyperparameters,
+    set_float32_matmul_precision,
+)
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
+    from pathlib import Path
+
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    set_float32_matmul_precision()
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    loggers = instantiate_mapping(cfg.get("logger"), "logger")
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
+    log_hyperparameters(cfg, model, trainer)
+
+    metrics: dict[str, float] = {}
+    for run in (trainer.validate, trainer.test):
+        for results in run(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path):
+            metrics.update({key: float(value) for key, value in results.items()})
+    return metrics
+
+
+def main() -> None:
+    hydra.main(version_base="1.3", config_path=configure_environment(), config_name="eval")(
+        evaluate
+    )()
+
+
+if __name__ == "__main__":
+    main()

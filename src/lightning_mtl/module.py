@@ -1,0 +1,277 @@
+"""The multi-task LightningModule: the path of one batch, in one short file.
+
+    batch ─▶ backbone (timm) ─▶ features ─▶ heads[task] ─▶ outputs[task]
+          ─▶ losses[task] (labelled samples only) ─▶ weighting ─▶ one scalar
+          ─▶ Lightning: backward, DDP all-reduce, AMP scaling, clipping, accumulation, step
+
+A batch is ``{"image": B×C×H×W, "targets": {key: tensor}, "mask": {key: bool[B]}}``. A task
+reads the label ``targets[task.target]`` of the samples where ``mask[task.target]`` is true; a
+task with no labelled sample in the batch has no loss that step and is left out of the
+weighting. Metrics are one torchmetrics ``MetricCollection`` per task and stage, logged as
+``<stage>/<task>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_mtl.errors import ConfigError
+from lightning_mtl.metrics import build_metrics
+from lightning_mtl.models.backbone import Backbone, Features
+from lightning_mtl.tasks import TaskSpec, build_tasks, check_tasks_against_batch, plain_container
+from lightning_mtl.weighting import StepContext, build_weighting
+
+STAGES = ("train", "val", "test")
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class MultiTaskNet(nn.Module):
+    """Shared backbone + one head per task; ``forward(images) -> {task: output}``.
+
+    A plain ``nn.Module``: usable without Lightning (see the benchmark and the README).
+    """
+
+    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+
+    def forward_features(self, images: torch.Tensor) -> Features:
+        return self.backbone(images)
+
+    def forward_heads(
+        self, features: Features, image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        return {name: head(features, image_size) for name, head in self.heads.items()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_heads(self.forward_features(images), tuple(images.shape[-2:]))
+
+
+class MultiTaskModule(L.LightningModule):
+    """A timm backbone, the configured task heads, their losses and metrics, and a balancer.
+
+    Args:
+        backbone: keyword arguments of :class:`Backbone` (``name``, ``pretrained``, ...).
+        tasks: the ``tasks:`` block (see :mod:`lightning_mtl.tasks`).
+        weighting: ``{name: <method>, **kwargs}`` (see :mod:`lightning_mtl.weighting`).
+        optimizer: a partial optimizer, called with the parameter groups.
+        scheduler: a partial LR scheduler or ``None``; it receives ``total_steps`` if it takes it.
+        scheduler_interval: ``"step"`` or ``"epoch"``.
+        backbone_lr_scale: the backbone's learning rate relative to the heads' (transfer learning).
+        train_metrics: also compute metrics on training batches (costs a little per step).
+        compile: ``torch.compile`` the network.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        tasks: Mapping[str, Any],
+        weighting: Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+        backbone_lr_scale: float = 1.0,
+        train_metrics: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        backbone, tasks, weighting = (
+            plain_container(backbone),
+            plain_container(tasks),
+            plain_container(weighting),
+        )
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True); the
+        # optimizer and scheduler factories are code, kept out of the checkpoint.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
+        for name in tasks:
+            if not _TASK_NAME.match(str(name)):
+                raise ConfigError(
+                    f"tasks.{name}: a task name must start with a letter and hold only letters, "
+                    "digits and '_' (it becomes part of metric keys and module names)"
+                )
+        if scheduler_interval not in {"step", "epoch"}:
+            raise ConfigError(
+                f"model.scheduler_interval={scheduler_interval!r}; accepted values: step, epoch"
+            )
+        shared = Backbone(**backbone)
+        self.tasks: list[TaskSpec] = build_tasks(tasks, shared)
+        self.net = MultiTaskNet(shared, {task.name: task.head for task in self.tasks})
+        self.losses = nn.ModuleDict({task.name: task.loss for task in self.tasks})
+        weighting = dict(weighting)
+        if "name" not in weighting:
+            raise ConfigError(
+                "weighting.name is missing (e.g. weighting=equal on the command line)"
+            )
+        self.weighting = build_weighting(
+            weighting.pop("name"),
+            [task.name for task in self.tasks],
+            task_weights={task.name: task.weight for task in self.tasks},
+            **weighting,
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{task.name}": build_metrics(task.name, task.head, task.metrics).clone(
+                    prefix=f"{stage}/{task.name}/"
+                )
+                for stage in STAGES
+                for task in self.tasks
+                if stage != "train" or train_metrics
+            }
+        )
+        self._updated: set[str] = set()  # metric collections updated since their last reset
+
+    # ------------------------------------------------------------------------------ the batch path
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(images)
+
+    def task_losses(
+        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Each task's loss over its labelled samples, and those samples' (output, label).
+
+        A task with no labelled sample (or only ignored labels) has no entry in either dict.
+        """
+        losses: dict[str, torch.Tensor] = {}
+        labelled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for task in self.tasks:
+            output, target = outputs[task.name], batch["targets"][task.target]
+            mask = batch.get("mask", {}).get(task.target)
+            if mask is not None and not bool(mask.all()):
+                if not bool(mask.any()):
+                    continue
+                output, target = output[mask], target[mask]
+            loss = self.losses[task.name](output, target)
+            if loss is not None:
+                losses[task.name] = loss
+                labelled[task.name] = (output.detach(), target)
+        return losses, labelled
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.net(batch["image"])
+        losses, labelled = self.task_losses(outputs, batch)
+        context = StepContext(step=self.global_step, epoch=self.current_epoch)
+        combined = self.weighting(losses, context)
+        size = batch["image"].shape[0]
+        self.log("train/loss", combined.loss.detach(), prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size)
+        self.log_dict(
+            {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
+        )
+        if self.hparams.train_metrics:
+            self._update_metrics("train", labelled)
+        return combined.loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _evaluate(self, stage: str, batch: Mapping[str, Any]) -> None:
+        losses, labelled = self.task_losses(self.net(batch["image"]), batch)
+        size = batch["image"].shape[0]
+        for task, loss in losses.items():
+            self.log(f"{stage}/{task}/loss", loss, batch_size=size, sync_dist=True)
+        if losses:
+            total = torch.stack(list(losses.values())).sum()
+            self.log(f"{stage}/loss", total, batch_size=size, sync_dist=True, prog_bar=True)
+        self._update_metrics(stage, labelled)
+
+    def _update_metrics(
+        self, stage: str, labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        for task in self.tasks:
+            if task.name in labelled:
+                self.metrics[f"{stage}_{task.name}"].update(
+                    *task.metric_inputs(*labelled[task.name])
+                )
+                self._updated.add(f"{stage}_{task.name}")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Compute (synchronised across ranks by torchmetrics), log and reset each task's metrics.
+
+        Done once per epoch rather than by logging the metric objects every step, which costs
+        Lightning a device move of every metric per step. A task with no label in the epoch
+        logs nothing.
+        """
+        for task in self.tasks:
+            key = f"{stage}_{task.name}"
+            collection = self.metrics[key]
+            if key in self._updated:
+                # compute() already gathered every rank's state: sync_dist only averages equal
+                # values, a few scalars per epoch.
+                self.log_dict(collection.compute(), sync_dist=True)
+            collection.reset()
+            self._updated.discard(key)
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.train_metrics:
+            self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # ------------------------------------------------------------------------------------- set-up
+    def check_against_batch(self, batch: Mapping[str, Any]) -> None:
+        """Run one real batch through the model and compare outputs with labels (see tasks.py)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                outputs = self.net(batch["image"])
+        finally:
+            self.train(was_training)
+        check_tasks_against_batch(self.tasks, outputs, batch)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.net = torch.compile(self.net)
+
+    def configure_optimizers(self) -> Any:
+        """One optimizer: backbone, heads and balancer parameters in three groups.
+
+        The backbone group's LR is scaled by ``backbone_lr_scale``; the balancer's learned
+        parameters (e.g. uncertainty log-variances) get no weight decay.
+        """
+        make_optimizer = self.make_optimizer
+        base_lr = _keyword(make_optimizer, "lr")
+        groups = [
+            {"params": list(self.net.backbone.parameters()), "name": "backbone"},
+            {"params": list(self.net.heads.parameters()), "name": "heads"},
+        ]
+        if base_lr is not None:
+            groups[0]["lr"] = base_lr * self.hparams.backbone_lr_scale
+        balancer = [p for p in self.weighting.parameters() if p.requires_grad]
+        if balancer:
+            groups.append({"params": balancer, "name": "weighting", "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+        optimizer = make_optimizer(groups)
+        make_scheduler = self.make_scheduler
+        if make_scheduler is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(make_scheduler).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = make_scheduler(optimizer, **kwargs)
+        interval = self.hparams.scheduler_interval
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
+
+
+def _keyword(partial: Any, name: str) -> Any:
+    """A keyword bound in a ``functools.partial`` (Hydra's ``_partial_: true``), or None."""
+    return getattr(partial, "keywords", {}).get(name)

@@ -1,0 +1,195 @@
+"""A task is data: its name, the label key it reads, its head, loss, metrics and weight.
+
+Tasks are declared in YAML (``configs/task/<name>.yaml`` or an experiment's ``tasks:`` block)::
+
+    segmentation:
+      target: segmentation        # label key in the batch; defaults to the task name
+      head: {name: segmentation, num_classes: 4}
+      loss: {name: cross_entropy}
+      metrics: [miou, pixel_accuracy]
+      weight: 1.0                 # read by the `static` weighting (task priority)
+
+:func:`build_tasks` turns that block into :class:`TaskSpec` objects, failing with the key and the
+accepted values on any mistake; :func:`check_tasks_against_batch` then runs the model on one
+real batch and compares each head's output with its labels, so a wrong ``num_classes`` or a
+label of the wrong shape stops the run before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_mtl.errors import ConfigError
+from lightning_mtl.models.backbone import Backbone
+from lightning_mtl.models.heads import HEADS, Head
+from lightning_mtl.models.losses import LOSSES
+
+TASK_KEYS = {"target", "head", "loss", "metrics", "weight"}
+
+
+@dataclass
+class TaskSpec:
+    """A validated task. ``head`` and ``loss`` are built modules; ``metrics`` is the raw spec."""
+
+    name: str
+    target: str
+    head: Head
+    loss: nn.Module
+    metrics: list[str] | dict[str, dict[str, Any] | None]
+    weight: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metric_inputs(
+        self, output: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reshape one task's output and labels into what its torchmetrics expect."""
+        kind = self.head.metric_kind
+        if kind == "multilabel":
+            return output, target.long()
+        if kind == "regression":
+            target = target.reshape(output.shape)
+            return (
+                (output.squeeze(-1), target.squeeze(-1))
+                if output.shape[-1] == 1
+                else (output, target)
+            )
+        if kind == "dense_regression":
+            ignore = getattr(self.loss, "ignore_value", None)
+            target = target.reshape(output.shape)
+            if ignore is None:
+                return output.reshape(-1), target.reshape(-1)
+            valid = target != ignore
+            return output[valid], target[valid]
+        if kind == "normals":
+            output, target = (
+                output.movedim(1, -1).reshape(-1, 3),
+                target.movedim(1, -1).reshape(-1, 3),
+            )
+            valid = target.abs().sum(dim=1) > 0
+            return output[valid], target[valid]
+        if kind == "segmentation":
+            # Class indices once for every metric of the task (``max(1).indices`` is several
+            # times faster than ``argmax(1)`` on CPU for B×C×H×W logits).
+            return output.max(dim=1).indices, target.long()
+        return output, target.long()
+
+
+def plain_container(value: Any) -> Any:
+    """OmegaConf containers to plain Python (the registries take plain kwargs)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return value
+
+
+def _named_block(task: str, key: str, block: Any) -> tuple[str, dict[str, Any]]:
+    """``{name: x, **kwargs}`` or a bare name -> ``(name, kwargs)``."""
+    if isinstance(block, str):
+        return block, {}
+    if not isinstance(block, Mapping) or "name" not in block:
+        raise ConfigError(
+            f"tasks.{task}.{key} must be a name or a mapping with a 'name' key, got {block!r}"
+        )
+    kwargs = dict(block)
+    return str(kwargs.pop("name")), kwargs
+
+
+def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]:
+    """Validate the ``tasks:`` block and build each task's head and loss."""
+    config = plain_container(config)
+    if not isinstance(config, Mapping) or not config:
+        raise ConfigError("tasks is empty: declare at least one task (see configs/task/)")
+    specs = []
+    for name, raw in config.items():
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"tasks.{name} must be a mapping with keys {sorted(TASK_KEYS)}")
+        unknown = set(raw) - TASK_KEYS
+        if unknown:
+            raise ConfigError(
+                f"tasks.{name} has unknown keys {sorted(unknown)}; accepted keys: {sorted(TASK_KEYS)}"
+            )
+        for required in ("head", "loss", "metrics"):
+            if raw.get(required) is None:
+                raise ConfigError(
+                    f"tasks.{name}.{required} is missing: every task needs a head, a loss and "
+                    f"metrics (accepted heads: {', '.join(HEADS.names())}; "
+                    f"losses: {', '.join(LOSSES.names())})"
+                )
+        head_name, head_kwargs = _named_block(name, "head", raw["head"])
+        head = HEADS.build(head_name, f"tasks.{name}.head.name", backbone, **head_kwargs)
+        loss_name, loss_kwargs = _named_block(name, "loss", raw["loss"])
+        loss = LOSSES.build(loss_name, f"tasks.{name}.loss.name", **loss_kwargs)
+        metrics = raw["metrics"]
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        weight = raw.get("weight", 1.0)
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"tasks.{name}.weight must be a number >= 0, got {weight!r}")
+        specs.append(
+            TaskSpec(
+                name=str(name),
+                target=str(raw.get("target", name)),
+                head=head,
+                loss=loss,
+                metrics=_with_ignore_index(metrics, loss, head),
+                weight=float(weight),
+            )
+        )
+    return specs
+
+
+def _with_ignore_index(
+    metrics: list[str] | dict[str, Any], loss: nn.Module, head: Head
+) -> list[str] | dict[str, Any]:
+    """Metrics of a class-index task ignore the label its loss ignores (e.g. 255 in segmentation)."""
+    ignore = getattr(loss, "ignore_index", -100)
+    if ignore == -100 or head.metric_kind not in {"classification", "segmentation"}:
+        return metrics
+    spec = dict(metrics) if isinstance(metrics, Mapping) else dict.fromkeys(metrics)
+    out: dict[str, Any] = {}
+    for metric_name, kwargs in spec.items():
+        kwargs = dict(kwargs or {})
+        if metric_name != "auroc":
+            kwargs.setdefault("ignore_index", ignore)
+        out[metric_name] = kwargs
+    return out
+
+
+def check_tasks_against_batch(
+    tasks: list[TaskSpec], outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
+) -> None:
+    """Compare each head's output with the labels of a real batch; raise on any mismatch."""
+    targets = batch["targets"]
+    for task in tasks:
+        if task.target not in targets:
+            raise ConfigError(
+                f"tasks.{task.name}.target={task.target!r} is not a label of the data; "
+                f"the data module provides: {', '.join(sorted(targets))}"
+            )
+        output, target = outputs[task.name], targets[task.target]
+        expected = task.head.target_shape(output[0])
+        if tuple(target.shape[1:]) != expected:
+            raise ConfigError(
+                f"tasks.{task.name}: the {task.head.__class__.__name__} outputs "
+                f"{tuple(output.shape[1:])} per sample, which needs labels of shape {expected}, "
+                f"but label {task.target!r} has shape {tuple(target.shape[1:])}. Check the head's "
+                "size (num_classes / num_labels / out_dim / out_channels) and the label key."
+            )
+        kind = task.head.metric_kind
+        if kind in {"classification", "segmentation"}:
+            ignore = getattr(task.loss, "ignore_index", -100)
+            labels = target[target != ignore]
+            if labels.numel() and int(labels.max()) >= task.head.out_features:
+                raise ConfigError(
+                    f"tasks.{task.name}: label {task.target!r} holds class {int(labels.max())} but "
+                    f"the head has num_classes={task.head.out_features}"
+                )

@@ -1,0 +1,1 @@
+"""Helpers of the entry points: config printing, instantiation of callbacks and loggers."""

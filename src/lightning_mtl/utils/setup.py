@@ -1,0 +1,107 @@
+"""What ``train.py`` and ``eval.py`` share: locating configs, instantiating lists, printing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = PACKAGE_DIR.parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+def configure_environment() -> str:
+    """Point ``PROJECT_ROOT`` at the repository and return the config directory for Hydra."""
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    if not CONFIG_DIR.is_dir():
+        raise FileNotFoundError(
+            f"no configs/ folder at {CONFIG_DIR}: install the project in editable mode "
+            "(`uv sync` does) or pass `--config-dir /path/to/configs`"
+        )
+    return str(CONFIG_DIR)
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    """Optional behaviours selected in ``extras``: warnings filter, printed config tree."""
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
+
+
+def instantiate_mapping(cfg: Mapping[str, Any] | None, what: str) -> list[Any]:
+    """Instantiate every entry of a ``callbacks:`` or ``logger:`` block that has a ``_target_``."""
+    objects = []
+    for key, entry in (cfg or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ValueError(f"{what}.{key} must be a mapping with a _target_, got {entry!r}")
+        log.info("Instantiating %s <%s>", what, entry._target_)
+        objects.append(hydra.utils.instantiate(entry))
+    return objects
+
+
+def example_batch(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """A small real batch to check the tasks against: ``datamodule.example_batch()`` if it has
+    one, else the first validation batch."""
+    if hasattr(datamodule, "example_batch"):
+        return datamodule.example_batch()
+    datamodule.setup("validate")
+    return next(iter(datamodule.val_dataloader()))
+
+
+@rank_zero_only
+def log_hyperparameters(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> None:
+    """Send the whole resolved config and the parameter counts to every logger."""
+    if not trainer.loggers:
+        return
+    params = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(params, dict)
+    params["model/params/total"] = sum(p.numel() for p in model.parameters())
+    params["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """Print the resolved config as a rich tree, groups in the order of the batch path."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    order = ["data", "model", "tasks", "weighting", "callbacks", "logger", "trainer", "paths"]
+    fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    for field in fields:
+        branch = tree.add(field, style="bold", guide_style="dim")
+        value = cfg[field]
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        with save_to.open("w") as file:
+            rich.print(tree, file=file)
+
+
+def set_float32_matmul_precision() -> None:
+    """Use TF32 tensor cores for float32 matmuls on GPUs that have them."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")

@@ -1,0 +1,49 @@
+"""Static (priority) weighting: ``L = Σᵢ wᵢ Lᵢ`` with fixed, user-chosen ``wᵢ``. Cost: none.
+
+Task prioritisation in its simplest form: raise the weight of the task you care most about,
+or lower a task whose loss lives on a large scale. Weights come from ``weighting.weights``
+(``{task: w}``) or, where a task is not listed there, from the task's own ``weight:`` key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lightning_mtl.errors import ConfigError
+from lightning_mtl.weighting.base import LossWeighting
+from lightning_mtl.weighting.registry import WEIGHTINGS
+
+
+@WEIGHTINGS.register("static")
+class Static(LossWeighting):
+    """Fixed weights; ``normalize=true`` rescales them to sum to the number of tasks."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        task_weights: Mapping[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__(tasks)
+        weights = dict(weights or {})
+        unknown = set(weights) - set(self.tasks)
+        if unknown:
+            raise ConfigError(
+                f"weighting.weights names unknown tasks {sorted(unknown)}; tasks: {self.tasks}"
+            )
+        fallback = dict(task_weights or {})
+        values = [float(weights.get(name, fallback.get(name, 1.0))) for name in self.tasks]
+        if any(v < 0 for v in values) or not any(v > 0 for v in values):
+            raise ConfigError(
+                f"weighting.weights must be >= 0 with at least one > 0, got {dict(zip(self.tasks, values, strict=True))}"
+            )
+        vector = torch.tensor(values, dtype=torch.float32)
+        if normalize:
+            vector = vector * len(values) / vector.sum()
+        self.register_buffer("static_weights", vector)
+
+    def weights(self, losses: torch.Tensor, present: list[int]) -> torch.Tensor:
+        return self.static_weights[present]

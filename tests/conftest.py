@@ -1,0 +1,66 @@
+"""Shared fixtures: composed configs shrunk to run in seconds on a CPU.
+
+The environment is set before timm or wandb is imported: no network, no hub retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from lightning_mtl.utils.setup import CONFIG_DIR, configure_environment
+
+configure_environment()
+
+# A run small enough for a test: 32×32 scenes, 2 short epochs, no workers, no progress bar.
+FAST = [
+    "data.train_size=48",
+    "data.val_size=16",
+    "data.test_size=16",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.image_size=32",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+def compose_config(
+    config_name: str, overrides: list[str], output_dir: Path | None = None
+) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` like the entry point does, outside a Hydra run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir)
+            cfg.paths.work_dir = os.getcwd()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, name="train", out=None)``: a fast config writing under tmp_path."""
+
+    def make(*overrides: str, name: str = "train", out: Path | None = None) -> DictConfig:
+        fast = [o for o in FAST if name != "eval" or not o.startswith("callbacks.")]
+        return compose_config(name, [*fast, *overrides], out or tmp_path)
+
+    return make

@@ -1,0 +1,191 @@
+"""End to end from composed Hydra configs: train, log, checkpoint, resume, evaluate, precision,
+W&B offline, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from lightning_mtl.eval import evaluate
+from lightning_mtl.train import train
+from tests.conftest import FAST
+
+TASKS = ["segmentation", "depth", "count", "dominant_color", "colors"]
+VAL_METRICS = {
+    "segmentation": ["miou", "pixel_accuracy"],
+    "depth": ["mae", "rmse", "abs_rel", "delta1"],
+    "count": ["mae", "r2"],
+    "dominant_color": ["accuracy", "f1"],
+    "colors": ["accuracy", "f1", "map"],
+}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+class StateProbe(L.Callback):
+    """Records the balancer's state and the step when (re)started training."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
+        self.start_state = {k: v.clone() for k, v in pl_module.weighting.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One short run of the default experiment with uncertainty weighting (2 epochs, 12 steps)."""
+    from tests.conftest import compose_config
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(
+        "train",
+        [*FAST, "weighting=uncertainty", "trainer.max_epochs=2", "extras.print_config=true"],
+        out,
+    )
+    metrics, objects = train(cfg)
+    return {"out": out, "metrics": metrics, "objects": objects, "cfg": cfg}
+
+
+def test_default_experiment_trains_logs_and_checkpoints(trained_run: dict) -> None:
+    out, metrics = trained_run["out"], trained_run["metrics"]
+    assert trained_run["objects"]["trainer"].global_step == 12
+    rows = read_csv(out / "csv" / "metrics.csv")
+    header = set(rows[0])
+    for task in TASKS:
+        assert f"train/{task}/loss" in header
+        assert f"train/weight/{task}" in header
+        assert f"val/{task}/loss" in header
+        for metric in VAL_METRICS[task]:
+            assert f"val/{task}/{metric}" in header
+            assert f"test/{task}/{metric}" in metrics
+            assert f"train/{task}/{metric}" in header
+    losses = column(rows, "train/loss")
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    # uncertainty weights move away from their initial value ½·exp(0)
+    assert column(rows, "train/weight/depth")[-1] != pytest.approx(0.5)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("epoch_*.ckpt"))) == 1
+    assert "tasks" in (out / "config_tree.log").read_text()
+    # checkpoints hold no pickled code: they load with weights_only=True
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 12 and "weighting.log_vars" in checkpoint["state_dict"]
+
+
+def test_resume_restores_step_and_balancer_state(
+    trained_run: dict, make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    last = trained_run["out"] / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["state_dict"]["weighting.log_vars"]
+    assert not torch.equal(saved, torch.zeros_like(saved))
+    cfg = make_cfg(
+        "weighting=uncertainty",
+        "trainer.max_epochs=3",
+        f"ckpt_path={last}",
+        "+callbacks.probe._target_=tests.test_train.StateProbe",
+        "test=false",
+    )
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    probe = next(cb for cb in trainer.callbacks if isinstance(cb, StateProbe))
+    assert probe.start_step == 12
+    assert torch.equal(probe.start_state["log_vars"], saved)
+    assert trainer.global_step == 18 and trainer.current_epoch == 3
+    steps = [
+        int(row["step"])
+        for row in read_csv(tmp_path / "csv" / "metrics.csv")
+        if row.get("train/loss")
+    ]
+    assert min(steps) >= 12 and max(steps) == 17
+
+
+def test_eval_reproduces_the_validation_metrics_of_training(
+    trained_run: dict, make_cfg: Callable[..., DictConfig]
+) -> None:
+    rows = read_csv(trained_run["out"] / "csv" / "metrics.csv")
+    last_val = [row for row in rows if row.get("val/loss")][-1]
+    cfg = make_cfg(
+        "weighting=uncertainty",
+        f"ckpt_path={trained_run['out'] / 'checkpoints' / 'last.ckpt'}",
+        name="eval",
+    )
+    metrics = evaluate(cfg)
+    compared = 0
+    for key, value in last_val.items():
+        if key.startswith("val/") and value:
+            assert metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+            compared += 1
+    assert compared == 19  # 13 metrics, 5 task losses, val/loss
+    assert all(f"test/{task}/loss" in metrics for task in TASKS)
+
+
+def test_bf16_mixed_precision_run(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "trainer.precision=bf16-mixed",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "task=[segmentation,count]",
+    )
+    _, objects = train(cfg)
+    assert objects["trainer"].precision == "bf16-mixed"
+    losses = column(read_csv(tmp_path / "csv" / "metrics.csv"), "train/loss")
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_wandb_offline_run_writes_its_files(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = make_cfg(
+        "logger=wandb", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"
+    )
+    train(cfg)
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")) and (runs[0] / "run-*.wandb") is not None
+    assert any(runs[0].glob("files/*")), "the run's files folder is empty"
+    assert (tmp_path / "csv" / "metrics.csv").is_file()  # the CSV logger runs beside W&B
+
+
+def test_ddp_sim_two_cpu_processes(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    overrides = [o for o in FAST if not o.startswith("trainer.accelerator")]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_mtl.train",
+        "trainer=ddp_sim",
+        *overrides,
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path}",
+        "test=true",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "world_size: 2" in output or "MEMBER: 2/2" in output
+    rows = read_csv(tmp_path / "csv" / "metrics.csv")
+    # 48 samples, 2 ranks, batch 8: 3 steps per epoch per rank
+    assert max(int(row["step"]) for row in rows if row.get("train/loss")) == 5
+    assert any(row.get("val/segmentation/miou") for row in rows)
+    for warning in ("find_unused_parameters", "unused parameters", "sync_dist"):
+        assert warning not in output, warning
