@@ -158,3 +158,47 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path) -> None:
         Backbone("resnet18", pretrained=True, weights_file=str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="pretrained=false"):
         Backbone("resnet18", pretrained=False, weights_file=str(path))
+
+
+def test_chance_baselines_are_the_best_image_independent_predictions() -> None:
+    from lightning_mtl.baselines import chance_metrics
+
+    backbone = Backbone("resnet18")
+    spec = {
+        "cls": {
+            "head": {"name": "classification", "num_classes": 3},
+            "loss": "cross_entropy",
+            "metrics": ["accuracy"],
+        },
+        "reg": {"head": {"name": "regression"}, "loss": "mse", "metrics": ["mae"]},
+        "seg": {
+            "head": {"name": "segmentation", "num_classes": 2},
+            "loss": "cross_entropy",
+            "metrics": ["pixel_accuracy"],
+        },
+    }
+    tasks = build_tasks(spec, backbone)
+    seg_fit = torch.tensor([[[0, 1]], [[0, 1]], [[1, 1]]])  # pixel 0: mostly 0, pixel 1: always 1
+    fit = [
+        {
+            "targets": {
+                "cls": torch.tensor([0, 0, 1]),
+                "reg": torch.tensor([[1.0], [2.0], [6.0]]),
+                "seg": seg_fit,
+            }
+        }
+    ]
+    seg_eval = torch.tensor([[[0, 0]], [[1, 1]]])
+    evaluate = [
+        {
+            "targets": {
+                "cls": torch.tensor([0, 1, 1]),
+                "reg": torch.tensor([[3.0], [5.0], [3.0]]),
+                "seg": seg_eval,
+            }
+        }
+    ]
+    chance = chance_metrics(tasks, fit, evaluate)
+    assert chance["cls"]["accuracy"] == pytest.approx(1 / 3)  # majority class 0
+    assert chance["reg"]["mae"] == pytest.approx((0 + 2 + 0) / 3)  # mean 3
+    assert chance["seg"]["pixel_accuracy"] == pytest.approx(2 / 4)  # predicts [0, 1] per pixel

@@ -237,7 +237,8 @@ class MultiTaskModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":
-            self.net = torch.compile(self.net)
+            # In place: state-dict keys (and so checkpoints) stay those of the eager model.
+            self.net.compile()
 
     def configure_optimizers(self) -> Any:
         """One optimizer: backbone, heads and balancer parameters in three groups.

@@ -18,7 +18,7 @@ label of the wrong shape stops the run before training.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ class TaskSpec:
     loss: nn.Module
     metrics: list[str] | dict[str, dict[str, Any] | None]
     weight: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def metric_inputs(
         self, output: torch.Tensor, target: torch.Tensor
