@@ -11,10 +11,11 @@ checkpoint fails with the names of the missing or unexpected parameters.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.utils.setup import (
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
-    from pathlib import Path
-
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path is required: mtl-eval ckpt_path=path/to/checkpoint.ckpt")
     if not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
     apply_extras(cfg)
