@@ -1,20 +1,21 @@
 """Evaluate a checkpoint on the validation and test splits.
 
     mtl-eval ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt
-    mtl-eval ckpt_path=... experiment=shapes_convnext   # the overrides the run was trained with
 
-The model is built from the same config as in training and the checkpoint's weights (the
-balancer's state included) are loaded strictly, so a config that does not match the
-checkpoint fails with the names of the missing or unexpected parameters.
+The backbone, tasks and weighting are those saved in the checkpoint's hyperparameters, so no
+training override needs repeating; data, trainer and logger come from the eval config. The
+weights (the balancer's state included) are loaded strictly.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mtl.errors import ConfigError
@@ -29,6 +30,19 @@ from lightning_mtl.utils.setup import (
 log = logging.getLogger(__name__)
 
 
+def saved_architecture(ckpt_path: str) -> dict[str, Any]:
+    """The backbone, tasks and weighting a checkpoint was trained with (from its hyperparameters).
+
+    They override the eval config's, so ``mtl-eval ckpt_path=...`` needs no training overrides.
+    """
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = checkpoint.get("hyper_parameters", {})
+    missing = {"backbone", "tasks", "weighting"} - set(saved)
+    if missing:
+        log.warning("%s has no %s hyperparameters: using the config's", ckpt_path, sorted(missing))
+    return {key: saved[key] for key in ("backbone", "tasks", "weighting") if key in saved}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
@@ -41,7 +55,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     set_float32_matmul_precision()
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    model: L.LightningModule = hydra.utils.instantiate(
+        cfg.model, **saved_architecture(cfg.ckpt_path)
+    )
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
     log_hyperparameters(cfg, model, trainer)

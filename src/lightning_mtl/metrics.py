@@ -31,8 +31,9 @@ class ThresholdAccuracy(Metric):
     def __init__(self, threshold: float = 1.25, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.threshold = threshold
-        self.add_state("hits", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # integer counters: exact for any number of pixels, and supported on every device
+        self.add_state("hits", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         preds = preds.float().clamp_min(1e-6)
@@ -42,7 +43,7 @@ class ThresholdAccuracy(Metric):
         self.total += ratio.numel()
 
     def compute(self) -> torch.Tensor:
-        return (self.hits / self.total.clamp_min(1)).float()
+        return self.hits.float() / self.total.clamp_min(1).float()
 
 
 class MeanAngularError(Metric):
@@ -53,8 +54,8 @@ class MeanAngularError(Metric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("value", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("value", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def degrees(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cosine = torch.nn.functional.cosine_similarity(preds.float(), target.float(), dim=1)
@@ -66,7 +67,7 @@ class MeanAngularError(Metric):
         self.total += degrees.numel()
 
     def compute(self) -> torch.Tensor:
-        return (self.value / self.total.clamp_min(1)).float()
+        return self.value.float() / self.total.clamp_min(1).float()
 
 
 class AngularAccuracy(MeanAngularError):
@@ -80,7 +81,7 @@ class AngularAccuracy(MeanAngularError):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         degrees = self.degrees(preds, target)
-        self.value += (degrees < self.within).sum()
+        self.value += (degrees < self.within).sum().float()
         self.total += degrees.numel()
 
 

@@ -14,6 +14,7 @@ weighting. Metrics are one torchmetrics ``MetricCollection`` per task and stage,
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,12 +22,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.metrics import build_metrics
 from lightning_mtl.models.backbone import Backbone, Features
 from lightning_mtl.tasks import TaskSpec, build_tasks, check_tasks_against_batch, plain_container
 from lightning_mtl.weighting import StepContext, build_weighting
+
+log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -111,6 +115,13 @@ class MultiTaskModule(L.LightningModule):
             raise ConfigError(
                 "weighting.name is missing (e.g. weighting=equal on the command line)"
             )
+        custom = {t.name: t.weight for t in self.tasks if t.weight != 1.0}
+        if custom and weighting["name"] != "static":
+            log.warning(
+                "tasks.<name>.weight %s is read only by weighting=static; weighting=%s ignores it",
+                custom,
+                weighting["name"],
+            )
         self.weighting = build_weighting(
             weighting.pop("name"),
             [task.name for task in self.tasks],
@@ -125,6 +136,13 @@ class MultiTaskModule(L.LightningModule):
                 for stage in STAGES
                 for task in self.tasks
                 if stage != "train" or train_metrics
+            }
+        )
+        self.loss_means = nn.ModuleDict(
+            {
+                f"{stage}_{task.name}": MeanMetric()
+                for stage in ("val", "test")
+                for task in self.tasks
             }
         )
         self._updated: set[str] = set()  # metric collections updated since their last reset
@@ -159,16 +177,47 @@ class MultiTaskModule(L.LightningModule):
         outputs = self.net(batch["image"])
         losses, labelled = self.task_losses(outputs, batch)
         context = StepContext(step=self.global_step, epoch=self.current_epoch)
-        combined = self.weighting(losses, context)
+        if self.weighting.reads_loss_values and self._world_size > 1:
+            context.global_losses = self._global_losses(losses)
         size = batch["image"].shape[0]
-        self.log("train/loss", combined.loss.detach(), prog_bar=True, batch_size=size)
-        self.log_dict({f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size)
-        self.log_dict(
-            {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
-        )
+        if losses:
+            combined = self.weighting(losses, context)
+            total = combined.loss
+            self.log_dict(
+                {f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size
+            )
+            self.log_dict(
+                {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
+            )
+        else:  # no task labelled in this batch: nothing to learn, but DDP still needs a backward
+            total = outputs[self.tasks[0].name].sum() * 0.0
+        absent = [task.name for task in self.tasks if task.name not in losses]
+        if absent:
+            # A zero term keeps the heads of absent tasks in the graph, so DDP (with the default
+            # find_unused_parameters=False) gets a gradient, zero, for every parameter.
+            total = total + sum(outputs[name].sum() * 0.0 for name in absent)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
         if self.hparams.train_metrics:
             self._update_metrics("train", labelled)
-        return combined.loss
+        return total
+
+    @property
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _global_losses(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each task's loss averaged over the ranks that labelled it (NaN where none did).
+
+        One all-reduce of 2k numbers: the k loss sums and the k counts of ranks.
+        """
+        k = len(self.tasks)
+        stats = torch.zeros(2, k, device=self.device)
+        for i, task in enumerate(self.tasks):
+            if task.name in losses:
+                stats[0, i] = losses[task.name].detach().float()
+                stats[1, i] = 1.0
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.nan)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate("val", batch)
@@ -178,12 +227,9 @@ class MultiTaskModule(L.LightningModule):
 
     def _evaluate(self, stage: str, batch: Mapping[str, Any]) -> None:
         losses, labelled = self.task_losses(self.net(batch["image"]), batch)
-        size = batch["image"].shape[0]
         for task, loss in losses.items():
-            self.log(f"{stage}/{task}/loss", loss, batch_size=size, sync_dist=True)
-        if losses:
-            total = torch.stack(list(losses.values())).sum()
-            self.log(f"{stage}/loss", total, batch_size=size, sync_dist=True, prog_bar=True)
+            # weighted by the labelled samples: the epoch value is a per-sample mean
+            self.loss_means[f"{stage}_{task}"].update(loss, weight=labelled[task][1].shape[0])
         self._update_metrics(stage, labelled)
 
     def _update_metrics(
@@ -191,27 +237,39 @@ class MultiTaskModule(L.LightningModule):
     ) -> None:
         for task in self.tasks:
             if task.name in labelled:
-                self.metrics[f"{stage}_{task.name}"].update(
-                    *task.metric_inputs(*labelled[task.name])
-                )
-                self._updated.add(f"{stage}_{task.name}")
+                key = f"{stage}_{task.name}"
+                self.metrics[key].update(*task.metric_inputs(*labelled[task.name]))
+                self._updated.add(key)
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Compute (synchronised across ranks by torchmetrics), log and reset each task's metrics.
+        """Compute, log and reset each task's metrics (and, for val/test, its mean loss).
 
-        Done once per epoch rather than by logging the metric objects every step, which costs
-        Lightning a device move of every metric per step. A task with no label in the epoch
-        logs nothing.
+        Metrics are updated every step but computed once per epoch (logging the metric objects
+        every step costs Lightning a device move of every metric per step). ``compute()``
+        gathers every rank's state, so all ranks must call it for the same tasks: which tasks
+        had labels this epoch is agreed first with one all-reduce of k numbers. A task with no
+        label anywhere in the epoch logs nothing. ``<stage>/loss`` is the sum of the tasks'
+        mean losses.
         """
-        for task in self.tasks:
-            key = f"{stage}_{task.name}"
-            collection = self.metrics[key]
-            if key in self._updated:
-                # compute() already gathered every rank's state: sync_dist only averages equal
-                # values, a few scalars per epoch.
-                self.log_dict(collection.compute(), sync_dist=True)
-            collection.reset()
+        keys = [f"{stage}_{task.name}" for task in self.tasks]
+        updated = torch.tensor([key in self._updated for key in keys], device=self.device)
+        if self._world_size > 1:
+            updated = self.trainer.strategy.reduce(updated.float(), reduce_op="sum") > 0
+        total = None
+        for task, key, was_updated in zip(self.tasks, keys, updated.tolist(), strict=True):
+            if was_updated:
+                # compute() already gathered all ranks: sync_dist only averages equal values
+                self.log_dict(self.metrics[key].compute(), sync_dist=True)
+                if key in self.loss_means:
+                    loss = self.loss_means[key].compute()
+                    self.log(f"{stage}/{task.name}/loss", loss, sync_dist=True)
+                    total = loss if total is None else total + loss
+            self.metrics[key].reset()
+            if key in self.loss_means:
+                self.loss_means[key].reset()
             self._updated.discard(key)
+        if total is not None:
+            self.log(f"{stage}/loss", total, sync_dist=True, prog_bar=True)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.train_metrics:
@@ -252,7 +310,11 @@ class MultiTaskModule(L.LightningModule):
             {"params": list(self.net.backbone.parameters()), "name": "backbone"},
             {"params": list(self.net.heads.parameters()), "name": "heads"},
         ]
-        if base_lr is not None:
+        if self.hparams.backbone_lr_scale != 1.0:
+            if base_lr is None:
+                raise ConfigError(
+                    "model.backbone_lr_scale needs the base learning rate: set model.optimizer.lr"
+                )
             groups[0]["lr"] = base_lr * self.hparams.backbone_lr_scale
         balancer = [p for p in self.weighting.parameters() if p.requires_grad]
         if balancer:

@@ -48,8 +48,12 @@ class TaskSpec:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reshape one task's output and labels into what its torchmetrics expect."""
         kind = self.head.metric_kind
+        # Probabilities, not logits: torchmetrics only applies sigmoid/softmax to a batch whose
+        # values leave [0, 1], so small logits would be read as probabilities batch by batch.
         if kind == "multilabel":
-            return output, target.long()
+            return output.float().sigmoid(), target.long()
+        if kind == "classification":
+            return output.float().softmax(dim=-1), target.long()
         if kind == "regression":
             target = target.reshape(output.shape)
             return (
@@ -149,18 +153,13 @@ def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]
 def _with_ignore_index(
     metrics: list[str] | dict[str, Any], loss: nn.Module, head: Head
 ) -> list[str] | dict[str, Any]:
-    """Metrics of a class-index task ignore the label its loss ignores (e.g. 255 in segmentation)."""
-    ignore = getattr(loss, "ignore_index", -100)
-    if ignore == -100 or head.metric_kind not in {"classification", "segmentation"}:
+    """Metrics of a class-index task ignore the label its loss ignores (e.g. 255 in segmentation,
+    or cross-entropy's default -100)."""
+    ignore = getattr(loss, "ignore_index", None)
+    if ignore is None or head.metric_kind not in {"classification", "segmentation"}:
         return metrics
     spec = dict(metrics) if isinstance(metrics, Mapping) else dict.fromkeys(metrics)
-    out: dict[str, Any] = {}
-    for metric_name, kwargs in spec.items():
-        kwargs = dict(kwargs or {})
-        if metric_name != "auroc":
-            kwargs.setdefault("ignore_index", ignore)
-        out[metric_name] = kwargs
-    return out
+    return {name: {"ignore_index": ignore, **dict(kwargs or {})} for name, kwargs in spec.items()}
 
 
 def check_tasks_against_batch(

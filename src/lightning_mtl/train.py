@@ -55,8 +55,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        log.info("Testing %s", best or "the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        # Without a best checkpoint (no training, or no checkpoint callback): the given one.
+        ckpt_path = best or cfg.get("ckpt_path")
+        log.info("Testing %s", ckpt_path or "the current weights")
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(trainer.callback_metrics)
 
     scalars = {key: float(value) for key, value in metrics.items()}

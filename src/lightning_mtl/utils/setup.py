@@ -48,7 +48,11 @@ def instantiate_mapping(cfg: Mapping[str, Any] | None, what: str) -> list[Any]:
     for key, entry in (cfg or {}).items():
         if entry is None:
             continue
-        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+        if isinstance(entry, DictConfig) and "_target_" not in entry:
+            # e.g. `callbacks=none debug=overfit`: an override of a callback that is not there
+            log.warning("Skipping %s.%s: it has no _target_ (%s)", what, key, dict(entry))
+            continue
+        if not isinstance(entry, DictConfig):
             raise ValueError(f"{what}.{key} must be a mapping with a _target_, got {entry!r}")
         log.info("Instantiating %s <%s>", what, entry._target_)
         objects.append(hydra.utils.instantiate(entry))

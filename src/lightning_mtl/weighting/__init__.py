@@ -4,7 +4,16 @@ Importing this package registers every method; ``build_weighting(name, tasks, **
 creates one by name (``weighting=<name>`` in Hydra selects ``configs/weighting/<name>.yaml``).
 """
 
-from lightning_mtl.weighting import equal, static, uncertainty  # noqa: F401  (registration)
+from lightning_mtl.weighting import (  # noqa: F401  (importing registers each method)
+    dwa,
+    equal,
+    famo,
+    gls,
+    imtl_l,
+    rlw,
+    static,
+    uncertainty,
+)
 from lightning_mtl.weighting.base import Combined, LossWeighting, StepContext, Weighting
 from lightning_mtl.weighting.registry import WEIGHTINGS, build_weighting
 

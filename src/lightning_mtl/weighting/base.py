@@ -41,11 +41,18 @@ class StepContext:
 
     ``shared`` holds the tensors whose task gradients gradient-based methods balance: the
     shared representation (the backbone's features) or the shared parameters.
+
+    ``global_losses`` (k numbers, ``self.tasks`` order) are the detached task losses averaged
+    over the DDP ranks that labelled each task (NaN for a task no rank labelled). The Lightning
+    module fills it for methods with ``reads_loss_values = True``, with one all-reduce of 2k
+    numbers per step, so every rank computes the same weights from the global batch. Outside
+    DDP it is ``None`` and methods read the local losses.
     """
 
     step: int = 0
     epoch: int = 0
     shared: Sequence[torch.Tensor] = field(default_factory=list)
+    global_losses: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,7 +64,13 @@ class Combined:
 
 
 class Weighting(nn.Module):
-    """Base class of all balancers; ``tasks`` is the ordered list of all task names."""
+    """Base class of all balancers; ``tasks`` is the ordered list of all task names.
+
+    ``reads_loss_values``: the method's weights depend on loss values, so under DDP it needs
+    ``context.global_losses`` for the ranks to agree.
+    """
+
+    reads_loss_values: bool = False
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -83,16 +96,29 @@ class Weighting(nn.Module):
 class LossWeighting(Weighting):
     """A balancer whose weights depend on loss values and state only: ``Σ wᵢ Lᵢ``.
 
-    Subclasses implement ``weights(losses, present)``: ``losses`` is the vector of the present
-    tasks' losses (in ``self.tasks`` order), ``present`` their indices in ``self.tasks``.
+    Subclasses implement ``weights(losses, present, context)``: ``losses`` is the vector of
+    the present tasks' losses (in ``self.tasks`` order, still attached to the graph),
+    ``present`` their indices in ``self.tasks``. A method that reads loss values sets
+    ``reads_loss_values = True`` and reads them through :meth:`loss_values`, so that all DDP
+    ranks agree. The returned weights are treated as constants (detached).
     """
 
-    def weights(self, losses: torch.Tensor, present: list[int]) -> torch.Tensor:
+    @staticmethod
+    def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:
+        """The present tasks' loss values: global over DDP ranks where known, else local."""
+        if context.global_losses is None:
+            return losses.detach()
+        return context.global_losses[present].to(losses)
+
+    def weights(
+        self, losses: torch.Tensor, present: list[int], context: StepContext
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         names = [name for name in self.tasks if name in losses]
         vector = torch.stack([losses[name].float() for name in names])
-        weights = self.weights(vector, [self.index[name] for name in names]).to(vector)
+        present = [self.index[name] for name in names]
+        weights = self.weights(vector, present, context).detach().to(vector)
         total = (weights * vector).sum()
         return Combined(total, dict(zip(names, weights.detach(), strict=True)))

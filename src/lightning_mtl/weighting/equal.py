@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_mtl.weighting.base import LossWeighting
+from lightning_mtl.weighting.base import LossWeighting, StepContext
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
@@ -12,5 +12,7 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class Equal(LossWeighting):
     """Every present task has weight 1."""
 
-    def weights(self, losses: torch.Tensor, present: list[int]) -> torch.Tensor:
+    def weights(
+        self, losses: torch.Tensor, present: list[int], context: StepContext
+    ) -> torch.Tensor:
         return torch.ones_like(losses)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.weighting.base import LossWeighting
+from lightning_mtl.weighting.base import LossWeighting, StepContext
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
@@ -43,7 +43,10 @@ class Static(LossWeighting):
         vector = torch.tensor(values, dtype=torch.float32)
         if normalize:
             vector = vector * len(values) / vector.sum()
-        self.register_buffer("static_weights", vector)
+        # Not persistent: the config decides the weights, also when a run resumes.
+        self.register_buffer("static_weights", vector, persistent=False)
 
-    def weights(self, losses: torch.Tensor, present: list[int]) -> torch.Tensor:
+    def weights(
+        self, losses: torch.Tensor, present: list[int], context: StepContext
+    ) -> torch.Tensor:
         return self.static_weights[present]

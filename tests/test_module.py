@@ -1,0 +1,101 @@
+"""The training step on partially labelled batches, and metric inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import hydra
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from lightning_mtl.data.shapes import ShapesDataset
+from lightning_mtl.metrics import build_metrics
+from lightning_mtl.models.backbone import Backbone
+from lightning_mtl.tasks import build_tasks
+
+
+def batch_of(size: int) -> dict:
+    data = ShapesDataset(size, seed=0)
+    data.scene = type(data.scene)(image_size=32)
+    data = ShapesDataset(size, seed=0, scene=data.scene)
+    return torch.utils.data.default_collate([data[i] for i in range(size)])
+
+
+def test_absent_tasks_are_left_out_but_their_heads_stay_in_the_graph(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    module = hydra.utils.instantiate(make_cfg("weighting=uncertainty").model)
+    batch = batch_of(4)
+    batch["mask"]["depth"] = torch.tensor([False, False, False, False])  # depth: no label at all
+    batch["mask"]["count"] = torch.tensor([True, False, True, False])  # count: 2 of 4
+    losses, labelled = module.task_losses(module.net(batch["image"]), batch)
+    assert "depth" not in losses and "depth" not in labelled
+    assert labelled["count"][1].shape == (2, 1)
+    expected = torch.nn.functional.mse_loss(
+        module.net(batch["image"])["count"][[0, 2]], batch["targets"]["count"][[0, 2]]
+    )
+    assert float(losses["count"]) == pytest.approx(float(expected), rel=1e-5)
+
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    depth_head = module.net.heads["depth"]
+    grads = [p.grad for p in depth_head.parameters()]
+    assert all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)  # in the graph, zero
+    assert float(module.weighting.log_vars.grad[1]) == 0.0  # the absent task's state: no gradient
+    assert float(module.weighting.log_vars.grad[0]) != 0.0
+
+    module.zero_grad()
+    for key in batch["mask"]:
+        batch["mask"][key] = torch.zeros(4, dtype=torch.bool)
+    empty = module.training_step(batch, 1)
+    assert float(empty) == 0.0
+    empty.backward()
+    assert all(
+        float(p.grad.abs().sum()) == 0.0 for p in module.net.parameters() if p.grad is not None
+    )
+
+
+def test_metric_inputs_are_probabilities_and_ignore_the_losses_ignore_index() -> None:
+    backbone = Backbone("resnet18")
+    tasks = build_tasks(
+        {
+            "tags": {
+                "head": {"name": "multilabel", "num_labels": 3},
+                "loss": "bce",
+                "metrics": ["accuracy"],
+            },
+            "seg": {
+                "head": {"name": "segmentation", "num_classes": 3},
+                "loss": "cross_entropy",
+                "metrics": ["miou", "pixel_accuracy"],
+            },
+            "cls": {
+                "head": {"name": "classification", "num_classes": 3},
+                "loss": {"name": "cross_entropy", "ignore_index": 7},
+                "metrics": ["accuracy", "auroc"],
+            },
+        },
+        backbone,
+    )
+    tags, seg, cls = tasks
+    # small positive logits are positive predictions (torchmetrics alone would read them as
+    # probabilities below 0.5)
+    metric = build_metrics("tags", tags.head, tags.metrics)
+    metric.update(*tags.metric_inputs(torch.tensor([[0.2, 0.3, 0.1]]), torch.ones(1, 3)))
+    assert float(metric.compute()["accuracy"]) == 1.0
+    # cross-entropy's default ignore_index (-100) reaches the metrics
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[:, 1] = 1.0
+    labels = torch.tensor([[[1, -100], [1, -100]]])
+    metric = build_metrics("seg", seg.head, seg.metrics)
+    metric.update(*seg.metric_inputs(logits, labels))
+    assert float(metric.compute()["pixel_accuracy"]) == 1.0
+    metric = build_metrics("cls", cls.head, cls.metrics)
+    metric.update(
+        *cls.metric_inputs(
+            torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]]),
+            torch.tensor([0, 7, 2]),
+        )
+    )
+    assert float(metric.compute()["accuracy"]) == 1.0
