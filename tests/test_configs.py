@@ -77,3 +77,13 @@ def test_unknown_group_option_lists_the_accepted_ones(tmp_path: Path) -> None:
 def test_eval_requires_a_checkpoint(tmp_path: Path) -> None:
     cfg = compose_config("eval", [], tmp_path)
     assert OmegaConf.is_missing(cfg, "ckpt_path")
+
+
+def test_override_of_an_absent_callback_is_skipped_not_fatal(tmp_path: Path) -> None:
+    from lightning_mtl.utils.setup import instantiate_mapping
+
+    cfg = compose_config("train", ["callbacks=none", "debug=overfit"], tmp_path)
+    assert "_target_" not in cfg.callbacks.model_checkpoint  # only debug's `monitor` is there
+    assert instantiate_mapping(cfg.callbacks, "callbacks") == []
+    cfg = compose_config("train", ["weighting=static", "weighting.weights={depth: 0.3}"], tmp_path)
+    assert cfg.model.weighting.weights.depth == 0.3

@@ -86,23 +86,29 @@ class AngularAccuracy(MeanAngularError):
 
 
 def _by_kind() -> dict[str, dict[str, Callable[[Head], Metric]]]:
-    """``{metric_kind: {name: factory(head, **kwargs)}}``."""
+    """``{metric_kind: {name: factory(head, **kwargs)}}``.
+
+    Classification metrics skip torchmetrics' per-update argument validation (a ``unique`` over
+    every label, each step): the labels are checked against the heads once before training.
+    """
 
     def n(head: Head) -> int:
         return head.out_features
 
     return {
         "classification": {
-            "accuracy": lambda h, **kw: C.MulticlassAccuracy(n(h), average="micro", **kw),
-            "balanced_accuracy": lambda h, **kw: C.MulticlassAccuracy(n(h), average="macro", **kw),
-            "f1": lambda h, **kw: C.MulticlassF1Score(n(h), average="macro", **kw),
-            "auroc": lambda h, **kw: C.MulticlassAUROC(n(h), **kw),
+            "accuracy": lambda h, **kw: C.MulticlassAccuracy(n(h), average="micro", **_fast(kw)),
+            "balanced_accuracy": lambda h, **kw: C.MulticlassAccuracy(
+                n(h), average="macro", **_fast(kw)
+            ),
+            "f1": lambda h, **kw: C.MulticlassF1Score(n(h), average="macro", **_fast(kw)),
+            "auroc": lambda h, **kw: C.MulticlassAUROC(n(h), **_fast(kw)),
         },
         "multilabel": {
-            "accuracy": lambda h, **kw: C.MultilabelAccuracy(n(h), **kw),
-            "f1": lambda h, **kw: C.MultilabelF1Score(n(h), average="macro", **kw),
-            "map": lambda h, **kw: C.MultilabelAveragePrecision(n(h), average="macro", **kw),
-            "exact_match": lambda h, **kw: C.MultilabelExactMatch(n(h), **kw),
+            "accuracy": lambda h, **kw: C.MultilabelAccuracy(n(h), **_fast(kw)),
+            "f1": lambda h, **kw: C.MultilabelF1Score(n(h), average="macro", **_fast(kw)),
+            "map": lambda h, **kw: C.MultilabelAveragePrecision(n(h), average="macro", **_fast(kw)),
+            "exact_match": lambda h, **kw: C.MultilabelExactMatch(n(h), **_fast(kw)),
         },
         "regression": {
             "mae": lambda h, **kw: R.MeanAbsoluteError(**kw),
@@ -111,10 +117,12 @@ def _by_kind() -> dict[str, dict[str, Callable[[Head], Metric]]]:
             "r2": lambda h, **kw: R.R2Score(**kw),
         },
         "segmentation": {
-            "miou": lambda h, **kw: C.MulticlassJaccardIndex(n(h), average="macro", **kw),
-            "pixel_accuracy": lambda h, **kw: C.MulticlassAccuracy(n(h), average="micro", **kw),
+            "miou": lambda h, **kw: C.MulticlassJaccardIndex(n(h), average="macro", **_fast(kw)),
+            "pixel_accuracy": lambda h, **kw: C.MulticlassAccuracy(
+                n(h), average="micro", **_fast(kw)
+            ),
             "mean_class_accuracy": lambda h, **kw: C.MulticlassAccuracy(
-                n(h), average="macro", **kw
+                n(h), average="macro", **_fast(kw)
             ),
         },
         "dense_regression": {
@@ -130,6 +138,10 @@ def _by_kind() -> dict[str, dict[str, Callable[[Head], Metric]]]:
             "within_30": lambda h, **kw: AngularAccuracy(30.0, **kw),
         },
     }
+
+
+def _fast(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"validate_args": False, **kwargs}
 
 
 METRICS = _by_kind()

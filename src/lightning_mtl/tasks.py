@@ -53,7 +53,7 @@ class TaskSpec:
         if kind == "multilabel":
             return output.float().sigmoid(), target.long()
         if kind == "classification":
-            return output.float().softmax(dim=-1), target.long()
+            return self._drop_ignored(output.float().softmax(dim=-1), target.long())
         if kind == "regression":
             target = target.reshape(output.shape)
             return (
@@ -78,8 +78,18 @@ class TaskSpec:
         if kind == "segmentation":
             # Class indices once for every metric of the task (``max(1).indices`` is several
             # times faster than ``argmax(1)`` on CPU for B×C×H×W logits).
-            return output.max(dim=1).indices, target.long()
+            return self._drop_ignored(output.max(dim=1).indices, target.long())
         return output, target.long()
+
+    def _drop_ignored(
+        self, preds: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leave out the labels the loss ignores (``ignore_index``), once for all the metrics."""
+        ignore = getattr(self.loss, "ignore_index", None)
+        if ignore is None:
+            return preds, target
+        valid = target != ignore
+        return preds[valid], target[valid]
 
 
 def plain_container(value: Any) -> Any:
@@ -143,23 +153,11 @@ def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]
                 target=str(raw.get("target", name)),
                 head=head,
                 loss=loss,
-                metrics=_with_ignore_index(metrics, loss, head),
+                metrics=metrics,
                 weight=float(weight),
             )
         )
     return specs
-
-
-def _with_ignore_index(
-    metrics: list[str] | dict[str, Any], loss: nn.Module, head: Head
-) -> list[str] | dict[str, Any]:
-    """Metrics of a class-index task ignore the label its loss ignores (e.g. 255 in segmentation,
-    or cross-entropy's default -100)."""
-    ignore = getattr(loss, "ignore_index", None)
-    if ignore is None or head.metric_kind not in {"classification", "segmentation"}:
-        return metrics
-    spec = dict(metrics) if isinstance(metrics, Mapping) else dict.fromkeys(metrics)
-    return {name: {"ignore_index": ignore, **dict(kwargs or {})} for name, kwargs in spec.items()}
 
 
 def check_tasks_against_batch(
