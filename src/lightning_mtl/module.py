@@ -180,22 +180,20 @@ class MultiTaskModule(L.LightningModule):
         if self.weighting.reads_loss_values and self._world_size > 1:
             context.global_losses = self._global_losses(losses)
         size = batch["image"].shape[0]
+        # A zero term per task without labels keeps its head in the graph, so DDP (with the
+        # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
+        # batch with no label at all gives a zero loss that still back-propagates.
+        terms = [outputs[t.name].sum() * 0.0 for t in self.tasks if t.name not in losses]
         if losses:
             combined = self.weighting(losses, context)
-            total = combined.loss
+            terms.insert(0, combined.loss)
             self.log_dict(
                 {f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size
             )
             self.log_dict(
                 {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
             )
-        else:  # no task labelled in this batch: nothing to learn, but DDP still needs a backward
-            total = outputs[self.tasks[0].name].sum() * 0.0
-        absent = [task.name for task in self.tasks if task.name not in losses]
-        if absent:
-            # A zero term keeps the heads of absent tasks in the graph, so DDP (with the default
-            # find_unused_parameters=False) gets a gradient, zero, for every parameter.
-            total = total + sum(outputs[name].sum() * 0.0 for name in absent)
+        total = sum(terms[1:], start=terms[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
         if self.hparams.train_metrics:
             self._update_metrics("train", labelled)

@@ -82,6 +82,13 @@ class Weighting(nn.Module):
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         raise NotImplementedError
 
+    @staticmethod
+    def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:
+        """The present tasks' loss values: global over DDP ranks where known, else local."""
+        if context.global_losses is None:
+            return losses.detach()
+        return context.global_losses[present].to(losses)
+
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None
     ) -> Combined:
@@ -99,16 +106,9 @@ class LossWeighting(Weighting):
     Subclasses implement ``weights(losses, present, context)``: ``losses`` is the vector of
     the present tasks' losses (in ``self.tasks`` order, still attached to the graph),
     ``present`` their indices in ``self.tasks``. A method that reads loss values sets
-    ``reads_loss_values = True`` and reads them through :meth:`loss_values`, so that all DDP
+    ``reads_loss_values = True`` and reads them through :meth:`Weighting.loss_values`, so that all DDP
     ranks agree. The returned weights are treated as constants (detached).
     """
-
-    @staticmethod
-    def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:
-        """The present tasks' loss values: global over DDP ranks where known, else local."""
-        if context.global_losses is None:
-            return losses.detach()
-        return context.global_losses[present].to(losses)
 
     def weights(
         self, losses: torch.Tensor, present: list[int], context: StepContext

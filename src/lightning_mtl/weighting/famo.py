@@ -90,10 +90,7 @@ class FAMO(Weighting):
         index = torch.tensor([self.index[name] for name in names], device=self.logits.device)
         vector = torch.stack([losses[name].float() for name in names])
         now = torch.zeros_like(self.prev_losses)
-        local = vector.detach()
-        if context.global_losses is not None:
-            local = context.global_losses[index]
-        now[index] = local.to(now)
+        now[index] = self.loss_values(vector, index.tolist(), context).to(now)
         present = torch.zeros_like(self.prev_present)
         present[index] = True
         if context.step != int(self.prev_step):
