@@ -99,3 +99,52 @@ def test_metric_inputs_are_probabilities_and_ignore_the_losses_ignore_index() ->
         )
     )
     assert float(metric.compute()["accuracy"]) == 1.0
+
+
+def _flat_grads(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
+
+
+@pytest.mark.parametrize("level", ["representation", "params"])
+def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobian_t_w(
+    make_cfg: Callable[..., DictConfig], level: str
+) -> None:
+    from torchjd.aggregation import UPGradWeighting
+
+    module = hydra.utils.instantiate(make_cfg("weighting=upgrad", f"weighting.level={level}").model)
+    module.eval()  # batch-norm statistics fixed, so the reference forward below is identical
+    batch = batch_of(4)
+    batch["mask"]["count"] = torch.tensor([True, False, True, False])
+    module.training_step(batch, 0).backward()
+    got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+    # the reference: every task's gradient on its own, from an ordinary forward
+    module.zero_grad()
+    features = module.net.forward_features(batch["image"])
+    shared = [features.pooled, *features.maps]
+    outputs = module.net.forward_heads(features, tuple(batch["image"].shape[-2:]))
+    losses, _ = module.task_losses(outputs, batch)
+    names = [t.name for t in module.tasks]
+    backbone = list(module.net.backbone.parameters())
+    per_task = {task: _flat_grads(losses[task], backbone) for task in names}
+    if level == "params":
+        rows_of = {t: _flat_grads(losses[t], backbone) for t in names}
+    else:  # the representation the heads read: pooled vector and maps, each a leaf
+        leaves = [x.detach().requires_grad_() for x in shared]
+        size = tuple(batch["image"].shape[-2:])
+        outputs = module.net.forward_heads(type(features)(leaves[0], leaves[1:]), size)
+        on_leaves, _ = module.task_losses(outputs, batch)
+        rows_of = {t: _flat_grads(on_leaves[t], leaves) for t in names}
+    rows = torch.stack([torch.cat([g.flatten() for g in rows_of[t]]) for t in names])
+    w = UPGradWeighting()((rows @ rows.T).double()).float()
+    logged = module.weighting.last_gram
+    torch.testing.assert_close(logged, rows @ rows.T, rtol=1e-3, atol=1e-9)
+    for i, (name, _) in enumerate(module.net.backbone.named_parameters()):
+        expected = sum(w[j] * per_task[t][i] for j, t in enumerate(names))
+        torch.testing.assert_close(got[f"net.backbone.{name}"], expected, rtol=1e-3, atol=1e-6)
+    for task in names:  # each head: its own task's gradient, unweighted
+        head = module.net.heads[task]
+        own = _flat_grads(losses[task], list(head.parameters()))
+        for (name, _), g in zip(head.named_parameters(), own, strict=True):
+            torch.testing.assert_close(got[f"net.heads.{task}.{name}"], g, rtol=1e-4, atol=1e-7)

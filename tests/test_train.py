@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from lightning_mtl.eval import evaluate
 from lightning_mtl.train import train
+from lightning_mtl.weighting import WEIGHTINGS
 from tests.conftest import FAST
 
 TASKS = ["segmentation", "depth", "count", "dominant_color", "colors"]
@@ -175,7 +176,17 @@ def test_wandb_offline_run_writes_its_files(
     assert (tmp_path / "csv" / "metrics.csv").is_file()  # the CSV logger runs beside W&B
 
 
-def test_ddp_sim_two_cpu_processes(tmp_path: Path) -> None:
+def _ddp_cases() -> list:
+    """famo (all-reduced losses) and pcgrad at the params level (all-reduced Jacobian, seeded
+    order) in the default suite; every other method under the ``slow`` marker."""
+    fast = ["famo", "pcgrad@params"]
+    slow = [m for m in sorted(WEIGHTINGS.names()) if m not in {"famo"}] + ["upgrad@params"]
+    return fast + [pytest.param(m, marks=pytest.mark.slow) for m in slow]
+
+
+@pytest.mark.parametrize("method", _ddp_cases())
+def test_ddp_sim_two_cpu_processes(method: str, tmp_path: Path) -> None:
+    name, _, level = method.partition("@")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
     overrides = [o for o in FAST if not o.startswith("trainer.accelerator")]
     command = [
@@ -183,9 +194,11 @@ def test_ddp_sim_two_cpu_processes(tmp_path: Path) -> None:
         "-m",
         "lightning_mtl.train",
         "trainer=ddp_sim",
-        "weighting=famo",  # reads loss values: exercises the all-reduce of the task losses
+        f"weighting={name}",
+        *([f"weighting.level={level}"] if level else []),
         *overrides,
         "trainer.max_epochs=2",
+        "model.grad_monitor_every_n_steps=2",
         f"hydra.run.dir={tmp_path}",
         "test=true",
     ]
@@ -197,29 +210,51 @@ def test_ddp_sim_two_cpu_processes(tmp_path: Path) -> None:
     # 48 samples, 2 ranks, batch 8: 3 steps per epoch per rank
     assert max(int(row["step"]) for row in rows if row.get("train/loss")) == 5
     assert any(row.get("val/segmentation/miou") for row in rows)
+    assert len(column(rows, "train/grad_cos/segmentation/depth")) == 3  # steps 0, 2, 4
     for warning in ("find_unused_parameters", "unused parameters", "sync_dist"):
         assert warning not in output, warning
 
 
-@pytest.mark.parametrize(
-    "method", ["equal", "static", "uncertainty", "dwa", "rlw", "gls", "imtl_l", "famo"]
-)
+GRADIENT_AT_PARAMS = {"mgda", "pcgrad", "upgrad", "nash_mtl"}  # a few also at the params level
+
+
+# in the default suite: one of each kind (the formulas of all are tested in seconds elsewhere)
+QUICK = {"equal", "dwa", "famo", "uncertainty", "upgrad", "nash_mtl", "graddrop", "pcgrad@params"}
+
+
+def _method_cases() -> list:
+    cases = [*sorted(WEIGHTINGS.names()), *(f"{m}@params" for m in sorted(GRADIENT_AT_PARAMS))]
+    return [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("method", _method_cases())
 def test_every_weighting_method_trains_the_default_experiment(
     method: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
+    name, _, level = method.partition("@")
     cfg = make_cfg(
-        f"weighting={method}",
+        f"weighting={name}",
+        *([f"weighting.level={level}"] if level else []),
         "trainer.max_epochs=3",  # DWA leaves its warm-up of two epochs
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "test=false",
         "callbacks.model_checkpoint=null",
+        "model.grad_monitor_every_n_steps=2",
+        *(["weighting.warmup_steps=2"] if name == "stch" else []),
     )
-    train(cfg)
+    _, objects = train(cfg)
     rows = read_csv(tmp_path / "csv" / "metrics.csv")
+    gradient_based = objects["model"].weighting.needs_gradients
     for task in TASKS:
         weights = column(rows, f"train/weight/{task}")
-        assert len(weights) == 6 and all(w >= 0 and w == w for w in weights), (method, task)
+        assert len(weights) == 6 and all(w == w for w in weights), (method, task)
+        if not gradient_based:  # loss-based weights are positive; some Gram rules' are not
+            assert all(w >= 0 for w in weights), (method, task)
+        # the task's gradient norm, every 2 steps (0, 2, 4)
+        assert len(column(rows, f"train/grad_norm/{task}")) == 3, (method, task)
+    cosines = column(rows, "train/grad_cos/segmentation/depth")
+    assert len(cosines) == 3 and all(-1.0001 <= c <= 1.0001 for c in cosines)
     assert all(torch.isfinite(torch.tensor(column(rows, "train/loss"))))
-    if method in {"dwa", "rlw", "gls", "famo", "uncertainty", "imtl_l"}:  # adaptive: weights move
+    if name not in {"equal", "static", "graddrop", "dualproj"}:  # adaptive weights
         assert len(set(column(rows, "train/weight/depth"))) > 1, method

@@ -20,9 +20,14 @@ def losses(*values: float) -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_shipped_methods() -> None:
-    assert {"dwa", "equal", "famo", "gls", "imtl_l", "rlw", "static", "uncertainty"} <= set(
-        WEIGHTINGS.names()
-    )
+    loss_based = {"dwa", "equal", "famo", "gls", "imtl_l", "rlw", "static", "stch", "uncertainty"}
+    gradient_based = {
+        "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "fairgrad", "graddrop",
+        "gradnorm", "gradvac", "imtl_g", "mgda", "mgda_ub", "nash_mtl", "pcgrad", "upgrad",
+    }  # fmt: skip
+    assert set(WEIGHTINGS.names()) == loss_based | gradient_based
+    assert all(WEIGHTINGS.get(n, "x").needs_gradients for n in gradient_based)
+    assert not any(WEIGHTINGS.get(n, "x").needs_gradients for n in loss_based)
 
 
 def test_equal_sums_the_losses() -> None:
@@ -88,7 +93,7 @@ def test_unknown_weighting_name_lists_accepted_ones() -> None:
     message = str(err.value)
     assert "weighting.name='uncertainy'" in message
     assert (
-        "dwa, equal, famo, gls, imtl_l, rlw, static, uncertainty" in message
+        f"Accepted values: {', '.join(sorted(WEIGHTINGS.names()))}." in message
         and "Did you mean 'uncertainty'" in message
     )
     with pytest.raises(ConfigError, match="cannot build weighting method 'equal'"):
@@ -131,9 +136,9 @@ def test_loss_reading_methods_use_the_global_losses_under_ddp() -> None:
     assert float(weights["a"]) == pytest.approx(12**0.5 / 4)
     famo = build_weighting("famo", ["a", "b"])
     assert float(famo(local, glob).weights["a"]) == pytest.approx(0.75)  # c z/L: (1/2)/(1/2+1/6)/2
-    for name in ("dwa", "gls", "famo"):
+    for name in ("dwa", "gls", "famo", "rlw", "stch"):  # rlw: for the set of labelled tasks
         assert WEIGHTINGS.get(name, "x").reads_loss_values
-    for name in ("equal", "static", "uncertainty", "rlw", "imtl_l"):
+    for name in ("equal", "static", "uncertainty", "imtl_l"):
         assert not WEIGHTINGS.get(name, "x").reads_loss_values
 
 

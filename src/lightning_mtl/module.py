@@ -28,7 +28,7 @@ from lightning_mtl.errors import ConfigError
 from lightning_mtl.metrics import build_metrics
 from lightning_mtl.models.backbone import Backbone, Features
 from lightning_mtl.tasks import TaskSpec, build_tasks, check_tasks_against_batch, plain_container
-from lightning_mtl.weighting import StepContext, build_weighting
+from lightning_mtl.weighting import StepContext, build_weighting, task_gradients
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class MultiTaskModule(L.LightningModule):
         backbone_lr_scale: the backbone's learning rate relative to the heads' (transfer learning).
         train_metrics: also compute metrics on training batches (costs a little per step).
         compile: ``torch.compile`` the network.
+        grad_monitor_every_n_steps: log task gradient norms and their cosine (conflict) matrix
+            every that many optimizer steps (0: never).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class MultiTaskModule(L.LightningModule):
         backbone_lr_scale: float = 1.0,
         train_metrics: bool = True,
         compile: bool = False,
+        grad_monitor_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
         backbone, tasks, weighting = (
@@ -146,6 +149,8 @@ class MultiTaskModule(L.LightningModule):
             }
         )
         self._updated: set[str] = set()  # metric collections updated since their last reset
+        #: (task names, cosine matrix, step) of the last gradient-conflict measurement
+        self.conflict: tuple[list[str], torch.Tensor, int] | None = None
 
     # ------------------------------------------------------------------------------ the batch path
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -174,17 +179,34 @@ class MultiTaskModule(L.LightningModule):
         return losses, labelled
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.net(batch["image"])
-        losses, labelled = self.task_losses(outputs, batch)
+        images = batch["image"]
+        features = self.net.forward_features(images)
         context = StepContext(step=self.global_step, epoch=self.current_epoch)
-        if self.weighting.reads_loss_values and self._world_size > 1:
-            context.global_losses = self._global_losses(losses)
-        size = batch["image"].shape[0]
+        shared = _feature_list(features)
+        if self.weighting.needs_gradients:
+            # The heads read the representation detached into leaves: task gradients of it cost
+            # a backward pass through the heads only, and the balancer sends its combined
+            # gradient into the backbone (see weighting/gradient.py).
+            context.features = shared
+            context.representation = [f.detach().requires_grad_(f.requires_grad) for f in shared]
+            context.shared_parameters = list(self.net.backbone.parameters())
+            context.grad_scale = self._grad_scale()
+            features = Features(context.representation[0], context.representation[1:])
+        outputs = self.net.forward_heads(features, tuple(images.shape[-2:]))
+        losses, labelled = self.task_losses(outputs, batch)
+        if self._world_size > 1:
+            context.world_size = self._world_size
+            context.all_reduce = self._all_reduce_sum
+            if self.weighting.reads_loss_values:
+                context.global_losses = self._global_losses(losses)
+        size = images.shape[0]
         # A zero term per task without labels keeps its head in the graph, so DDP (with the
         # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
         # batch with no label at all gives a zero loss that still back-propagates.
         terms = [outputs[t.name].sum() * 0.0 for t in self.tasks if t.name not in losses]
-        if losses:
+        if losses or self.weighting.needs_gradients or context.global_losses is not None:
+            # under DDP a balancer runs even without a local loss: it joins the all-reduce of
+            # gradient methods, and methods with state update it like the other ranks
             combined = self.weighting(losses, context)
             terms.insert(0, combined.loss)
             self.log_dict(
@@ -195,9 +217,60 @@ class MultiTaskModule(L.LightningModule):
             )
         total = sum(terms[1:], start=terms[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
+        every = self.hparams.grad_monitor_every_n_steps
+        if every and self.global_step % every == 0 and batch_idx % self._accumulation == 0:
+            self._log_gradient_conflict(losses, shared, context)
         if self.hparams.train_metrics:
             self._update_metrics("train", labelled)
         return total
+
+    @property
+    def _accumulation(self) -> int:
+        return self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+
+    def _log_gradient_conflict(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared: list[torch.Tensor],
+        context: StepContext,
+    ) -> None:
+        """Log each task's gradient norm and the pairwise cosines of the task gradients.
+
+        Gradient methods have the (global) Gram matrix already; for the others it is computed
+        at the shared representation (k backward passes through the heads; under DDP one
+        all-reduce of k² numbers). Logged as ``train/grad_norm/<task>`` and
+        ``train/grad_cos/<a>/<b>``; :attr:`conflict` keeps the last matrix for the W&B heatmap.
+        """
+        gram = getattr(self.weighting, "last_gram", None)
+        if not self.weighting.needs_gradients or gram is None:
+            names = [t.name for t in self.tasks if t.name in losses]
+            rows = task_gradients([losses[n] for n in names], shared, context.grad_scale)
+            full = rows.new_zeros(len(self.tasks), rows.shape[1])
+            full[[self.weighting.index[n] for n in names]] = rows
+            gram = full @ full.T
+            if self._world_size > 1:
+                gram = self._all_reduce_sum(gram) / self._world_size**2
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+        seen = [i for i in range(len(self.tasks)) if norms[i] > 0]
+        names = [self.tasks[i].name for i in seen]
+        values = {f"train/grad_norm/{names[a]}": norms[i] for a, i in enumerate(seen)}
+        for a, i in enumerate(seen):
+            for b in range(a + 1, len(seen)):
+                values[f"train/grad_cos/{names[a]}/{names[b]}"] = cosine[i, seen[b]]
+        # straight to the loggers: self.log would repeat the last value at every step between
+        metrics = {key: float(value) for key, value in values.items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.conflict = (names, cosine[seen][:, seen].detach().cpu(), self.global_step)
+
+    def _grad_scale(self) -> float | None:
+        """The fp16 GradScaler's current scale, or None without one."""
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer else None
+        return float(scaler.get_scale()) if scaler is not None else None
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     @property
     def _world_size(self) -> int:
@@ -316,7 +389,8 @@ class MultiTaskModule(L.LightningModule):
             groups[0]["lr"] = base_lr * self.hparams.backbone_lr_scale
         balancer = [p for p in self.weighting.parameters() if p.requires_grad]
         if balancer:
-            groups.append({"params": balancer, "name": "weighting", "weight_decay": 0.0})
+            options = dict(self.weighting.optimizer_options)
+            groups.append({"params": balancer, "name": "weighting", "weight_decay": 0.0, **options})
         groups = [g for g in groups if g["params"]]
         optimizer = make_optimizer(groups)
         make_scheduler = self.make_scheduler
@@ -331,6 +405,11 @@ class MultiTaskModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
+
+
+def _feature_list(features: Features) -> list[torch.Tensor]:
+    """The shared representation as a flat list: the pooled vector, then the maps."""
+    return [features.pooled, *features.maps]
 
 
 def _keyword(partial: Any, name: str) -> Any:

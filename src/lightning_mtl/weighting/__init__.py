@@ -5,23 +5,34 @@ creates one by name (``weighting=<name>`` in Hydra selects ``configs/weighting/<
 """
 
 from lightning_mtl.weighting import (  # noqa: F401  (importing registers each method)
+    aggregators,
+    config,
+    db_mtl,
     dwa,
     equal,
     famo,
     gls,
+    graddrop,
+    gradnorm,
+    gradvac,
     imtl_l,
+    nash_mtl,
     rlw,
     static,
+    stch,
     uncertainty,
 )
 from lightning_mtl.weighting.base import Combined, LossWeighting, StepContext, Weighting
+from lightning_mtl.weighting.gradient import GradientWeighting, task_gradients
 from lightning_mtl.weighting.registry import WEIGHTINGS, build_weighting
 
 __all__ = [
     "WEIGHTINGS",
     "Combined",
+    "GradientWeighting",
     "LossWeighting",
     "StepContext",
     "Weighting",
     "build_weighting",
+    "task_gradients",
 ]

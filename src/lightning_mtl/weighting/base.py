@@ -9,8 +9,8 @@ all-reduce, AMP scaling, clipping, accumulation and schedulers stay Lightning's)
 * ``losses``: ``{task: scalar}`` for the tasks labelled in this batch only. A task absent from
   the batch is absent from the dict: it gets no weight, and a balancer must leave its state
   for that task untouched.
-* ``context``: what a method may need beyond the losses (the step, the shared
-  representation or shared parameters for gradient-based methods).
+* ``context``: what a method may need beyond the losses (the step, global loss values under
+  DDP, and for gradient-based methods the shared representation and shared parameters).
 * ``weights``: the effective weight of each present task (detached), logged as
   ``train/weight/<task>``.
 
@@ -18,8 +18,9 @@ Two families fit this contract:
 
 * loss-based methods compute weights from loss values and their own state
   (subclass :class:`LossWeighting` and implement ``weights``);
-* gradient-based methods compute weights from the task gradients of ``context.shared``
-  (e.g. from their Gram matrix) and return ``Σ wᵢ Lᵢ``, whose backward is the combined gradient.
+* gradient-based methods compute weights from the task gradients with respect to the shared
+  representation or the shared parameters (subclass
+  :class:`~lightning_mtl.weighting.gradient.GradientWeighting`, see there).
 
 State (learned log-variances, loss histories, ...) lives in parameters and buffers of the
 module, so it is saved in checkpoints and restored with them. Learned parameters of a balancer
@@ -28,8 +29,10 @@ are optimised by the model's single optimizer, in a parameter group without weig
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -39,20 +42,32 @@ from torch import nn
 class StepContext:
     """What a balancer may read besides the losses.
 
-    ``shared`` holds the tensors whose task gradients gradient-based methods balance: the
-    shared representation (the backbone's features) or the shared parameters.
-
     ``global_losses`` (k numbers, ``self.tasks`` order) are the detached task losses averaged
     over the DDP ranks that labelled each task (NaN for a task no rank labelled). The Lightning
     module fills it for methods with ``reads_loss_values = True``, with one all-reduce of 2k
     numbers per step, so every rank computes the same weights from the global batch. Outside
     DDP it is ``None`` and methods read the local losses.
+
+    For gradient-based methods (``needs_gradients = True``):
+
+    * ``features``: the shared representation as the backbone produced it (attached to the
+      backbone's graph);
+    * ``representation``: the same tensors detached into leaves, which the heads consumed, so
+      task gradients with respect to them cost a backward pass through the heads only;
+    * ``shared_parameters``: the trainable shared (backbone) parameters;
+    * ``all_reduce``: sums a tensor over DDP ranks (``None`` outside DDP), ``world_size`` ranks;
+    * ``grad_scale``: the fp16 GradScaler's current scale (``None`` without a scaler).
     """
 
     step: int = 0
     epoch: int = 0
-    shared: Sequence[torch.Tensor] = field(default_factory=list)
     global_losses: torch.Tensor | None = None
+    features: Sequence[torch.Tensor] = field(default_factory=list)
+    representation: Sequence[torch.Tensor] = field(default_factory=list)
+    shared_parameters: Sequence[torch.Tensor] = field(default_factory=list)
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    world_size: int = 1
+    grad_scale: float | None = None
 
 
 @dataclass
@@ -71,6 +86,9 @@ class Weighting(nn.Module):
     """
 
     reads_loss_values: bool = False
+    needs_gradients: bool = False
+    #: extra options (e.g. ``lr``) of the optimizer's parameter group of this balancer's parameters
+    optimizer_options: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -89,25 +107,35 @@ class Weighting(nn.Module):
             return losses.detach()
         return context.global_losses[present].to(losses)
 
+    @staticmethod
+    def present_tasks(local: list[int], context: StepContext) -> list[int]:
+        """The tasks a step weights: those labelled on any DDP rank where the global losses are
+        known (so every rank weights the same set), else those with a local loss."""
+        if context.global_losses is None:
+            return local
+        return [i for i, value in enumerate(context.global_losses.tolist()) if value == value]
+
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None
     ) -> Combined:
-        if not losses:
+        context = context or StepContext()
+        if not losses and context.global_losses is None:
             raise ValueError("combine() needs the loss of at least one task")
         unknown = set(losses) - set(self.index)
         if unknown:
             raise KeyError(f"losses for unknown tasks {sorted(unknown)}; known: {self.tasks}")
-        return self.combine(losses, context or StepContext())
+        return self.combine(losses, context)
 
 
 class LossWeighting(Weighting):
     """A balancer whose weights depend on loss values and state only: ``Σ wᵢ Lᵢ``.
 
-    Subclasses implement ``weights(losses, present, context)``: ``losses`` is the vector of
-    the present tasks' losses (in ``self.tasks`` order, still attached to the graph),
-    ``present`` their indices in ``self.tasks``. A method that reads loss values sets
-    ``reads_loss_values = True`` and reads them through :meth:`Weighting.loss_values`, so that all DDP
-    ranks agree. The returned weights are treated as constants (detached).
+    Subclasses implement ``weights(values, present, context)``: ``present`` are the indices (in
+    ``self.tasks``) of the tasks this step weights and ``values`` their detached loss values:
+    under DDP, the global ones of every task labelled on any rank (so all ranks compute the same
+    weights and update the same state, even for a task this rank did not see), otherwise the
+    local ones. ``Σ wᵢ Lᵢ`` then runs over the local losses. A method that reads loss values sets
+    ``reads_loss_values = True`` (the module then provides the global losses under DDP).
     """
 
     def weights(
@@ -117,8 +145,16 @@ class LossWeighting(Weighting):
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         names = [name for name in self.tasks if name in losses]
-        vector = torch.stack([losses[name].float() for name in names])
-        present = [self.index[name] for name in names]
-        weights = self.weights(vector, present, context).detach().to(vector)
-        total = (weights * vector).sum()
-        return Combined(total, dict(zip(names, weights.detach(), strict=True)))
+        local = [self.index[name] for name in names]
+        present = self.present_tasks(local, context)
+        if context.global_losses is not None:
+            values = context.global_losses[present].float()
+        else:
+            values = torch.stack([losses[name].detach().float() for name in names])
+        weights = self.weights(values, present, context).detach().to(values)
+        position = {task: j for j, task in enumerate(present)}
+        total = values.new_zeros(())
+        for name, i in zip(names, local, strict=True):
+            total = total + weights[position[i]] * losses[name].float()
+        shown = {self.tasks[i]: weights[j] for j, i in enumerate(present)}
+        return Combined(total, shown)

@@ -87,10 +87,15 @@ class FAMO(Weighting):
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         names = [name for name in self.tasks if name in losses]
-        index = torch.tensor([self.index[name] for name in names], device=self.logits.device)
-        vector = torch.stack([losses[name].float() for name in names])
+        local = [self.index[name] for name in names]
+        weighted = self.present_tasks(local, context)  # every rank: the same tasks
+        index = torch.tensor(weighted, dtype=torch.long, device=self.logits.device)
+        if context.global_losses is not None:
+            values = context.global_losses[weighted]
+        else:
+            values = torch.stack([losses[name].detach().float() for name in names])
         now = torch.zeros_like(self.prev_losses)
-        now[index] = self.loss_values(vector, index.tolist(), context).to(now)
+        now[index] = values.to(now)
         present = torch.zeros_like(self.prev_present)
         present[index] = True
         if context.step != int(self.prev_step):
@@ -104,6 +109,10 @@ class FAMO(Weighting):
         z = z / z.sum()
         gap = (now[index] - self.min_losses[index]).clamp_min(self.eps)
         c = 1.0 / (z / gap).sum()
-        weights = (c * z / gap).to(vector)
-        total = (weights * vector).sum()
-        return Combined(total, dict(zip(names, weights, strict=True)))
+        weights = (c * z / gap).float()
+        position = {task: j for j, task in enumerate(weighted)}
+        total = weights.new_zeros(())
+        for name, i in zip(names, local, strict=True):
+            total = total + weights[position[i]].to(losses[name].device) * losses[name].float()
+        shown = {self.tasks[i]: weights[j] for j, i in enumerate(weighted)}
+        return Combined(total, shown)

@@ -29,6 +29,10 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class RandomLossWeighting(LossWeighting):
     """Softmax of standard-normal logits, redrawn every step from ``(seed, step)``."""
 
+    # not for the values: under DDP the global losses say which tasks any rank labelled, so
+    # every rank draws its softmax over the same tasks
+    reads_loss_values = True
+
     def __init__(self, tasks: Sequence[str], seed: int = 0) -> None:
         super().__init__(tasks)
         self.seed = int(seed)

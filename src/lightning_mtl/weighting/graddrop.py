@@ -1,0 +1,60 @@
+"""GradDrop, Gradient Sign Dropout (Chen et al., NeurIPS 2020).
+
+At every element of the shared representation, the sign purity of the task gradients
+``P = ½ (1 + Σᵢ gᵢ / Σᵢ |gᵢ|)`` decides which sign survives: with U ~ Uniform(0, 1) drawn per
+element, task i's gradient is kept there if ``(P > U and gᵢ > 0) or (P < U and gᵢ < 0)``, and the
+kept gradients are summed (``leak`` lets a fraction of each task's gradient through regardless).
+
+GradDrop works element by element on the activations, so it needs the task gradients
+themselves, not their Gram matrix, and it is defined at the representation level only (the paper
+inserts it as a layer after the shared encoder). The masking is torchjd's ``GradDrop`` aggregator,
+applied to the k×|z| matrix of representation gradients; the draw is seeded by ``(seed, step)``.
+Under DDP each rank masks its own samples' activations: the global direction is the same
+random function of the global batch, though not the same draw as one process on the union batch.
+There are no task weights: ``train/weight/<task>`` logs 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchjd import aggregation as jd
+
+from lightning_mtl.weighting.base import StepContext
+from lightning_mtl.weighting.gradient import GradientWeighting, step_generator_seed
+from lightning_mtl.weighting.registry import WEIGHTINGS
+
+
+@WEIGHTINGS.register("graddrop")
+class GradDrop(GradientWeighting):
+    """GradDrop with per-task ``leak`` (one number, or one per task; 0 by default)."""
+
+    levels = ("representation",)
+    level_note = "GradDrop masks gradient signs per activation of the shared representation."
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        level: str = "representation",
+        seed: int = 0,
+        leak: float | Sequence[float] = 0.0,
+    ) -> None:
+        super().__init__(tasks, level, seed)
+        self.register_buffer(
+            "leak", torch.as_tensor(leak, dtype=torch.float32).expand(len(self.tasks)).clone()
+        )
+
+    def gram_weights(
+        self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext
+    ) -> torch.Tensor:
+        return torch.ones(len(present), dtype=gram.dtype)
+
+    def representation_direction(
+        self, rows: torch.Tensor, weights: torch.Tensor, local: list[int], context: StepContext
+    ) -> torch.Tensor:
+        if not local or not bool(torch.isfinite(weights).all()):
+            return super().representation_direction(rows, weights, local, context)
+        with torch.random.fork_rng(devices=[rows.device] if rows.is_cuda else []):
+            torch.manual_seed(step_generator_seed(self.seed, context.step))
+            return jd.GradDrop(leak=self.leak[local].to(rows))(rows)
