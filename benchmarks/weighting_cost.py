@@ -22,9 +22,14 @@ Time: every module first runs ``--warmup`` steps and the memory step below; then
 ``--rounds`` rounds, every module runs ``--steps`` steps in turn (the order reversed every other
 round, so that a drift of the machine hits all methods alike). A method's time is the median of
 its step times; the table divides it by the median of ``equal``, measured in the same rounds.
-Torch runs on one CPU thread by default (``--threads``): the table reports ratios, and with
-two OpenMP threads on a 2-core machine any other load stalls the threads' barriers, so single
-steps then take 10 to 50 times their usual time; one thread keeps the step times steady.
+On CPU, torch runs on one thread (``--threads 1``) and a step's time is the CPU time of the
+process (``--clock process``: user + system) rather than wall time: the table
+reports ratios, and both choices keep them steady when other programs load the machine. With
+one thread the CPU time of a step is its wall time on an idle machine, but it does not count
+the time the process waits for a core. Two OpenMP threads on a 2-core machine that also runs
+other work stall at their barriers (single steps then take 10 to 50 times their usual time).
+With more threads, or ``--device cuda``, the time is wall time (on CUDA between
+``torch.cuda.synchronize()`` calls).
 
 Peak memory: the bytes of tensors alive at the worst moment of one step, i.e. what is alive at
 the step's start (the module's parameters and buffers, the optimizer state, the batch) plus
@@ -63,7 +68,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,7 @@ from lightning_mtl.weighting import WEIGHTINGS
 LEVELS = ("representation", "params")
 REFERENCE = "equal"
 NO_LEVEL = "-"
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 class BenchModule(MultiTaskModule):
@@ -210,11 +216,15 @@ class Runner:
     """One module, its optimizer and its measurements."""
 
     def __init__(
-        self, module: BenchModule, batches: Sequence[dict[str, Any]], device: torch.device
+        self,
+        module: BenchModule,
+        batches: Sequence[dict[str, Any]],
+        device: torch.device,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.module = module.to(device).train()
         self.optimizer = module.configure_optimizers()
-        self.batches, self.device = batches, device
+        self.batches, self.device, self.clock = batches, device, clock
         self.times: list[float] = []
         self.peak_bytes = 0
 
@@ -234,10 +244,10 @@ class Runner:
     def timed(self, steps: int) -> None:
         for _ in range(steps):
             self.sync()
-            start = time.perf_counter()
+            start = self.clock()
             self.step()
             self.sync()
-            self.times.append(time.perf_counter() - start)
+            self.times.append(self.clock() - start)
 
     def resident_bytes(self) -> int:
         """What is alive at a step's start: parameters, buffers, optimizer state, the batch."""
@@ -310,7 +320,7 @@ def build_runners(
             )
             if method == REFERENCE:
                 module.check_against_batch(batches[0])  # the task blocks fit the data
-            runner = Runner(module, batches, device)
+            runner = Runner(module, batches, device, CLOCKS[args.clock])
             for _ in range(args.warmup):
                 runner.step()
             runner.measure_memory()
@@ -393,6 +403,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=["auto", *CLOCKS],
+        default="auto",
+        help="step time: wall, or the process's CPU time (auto: process on 1 CPU thread, else wall)",
+    )
     parser.add_argument("--backbone", default="resnet18", help="any timm model name")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -404,6 +420,9 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if args.clock == "auto":
+        single = device.type == "cpu" and torch.get_num_threads() == 1
+        args.clock = "process" if single else "wall"
 
     methods = args.methods or WEIGHTINGS.names()
     for name in methods:
@@ -447,7 +466,7 @@ def main() -> None:
     print(
         f"equal: {equal}. {args.backbone}, {args.image_size}×{args.image_size} images, batch "
         f"{args.batch_size}, {device.type} (threads={torch.get_num_threads()}), median of "
-        f"{args.rounds}×{args.steps} steps; peak = tensors alive at the step's worst moment."
+        f"{args.rounds}×{args.steps} steps ({args.clock} time); peak = tensors alive at the step's worst moment."
     )
     for note in notes:
         print(f"note: slower than 1.3× equal at the representation level: {note}")
