@@ -18,10 +18,12 @@ Tasks: at 3 tasks segmentation, depth and dominant_color (``configs/task/``); at
 segmentation, depth, count and k - 3 classification heads ``cls0, cls1, ...`` that all read
 the dominant_color label (10 tasks: ``cls0..cls6``).
 
-Time: every module first runs ``--warmup`` steps and the memory step below; then, in each of
-``--rounds`` rounds, every module runs ``--steps`` steps in turn (the order reversed every other
-round, so that a drift of the machine hits all methods alike). A method's time is the median of
-its step times; the table divides it by the median of ``equal``, measured in the same rounds.
+Time: every module first runs ``--warmup`` steps and the memory step below. Then, in each of
+``--rounds`` rounds, every method runs a block of ``--steps`` steps, with one step of ``equal``
+just before the block and one just after it (the order of the methods is reversed every other
+round). A block's ratio is the median of its step times over the mean of the two ``equal``
+steps around it: the load of the machine drifts over seconds, so it hits both sides of every
+ratio alike. The table shows the median of a method's ratios over the rounds.
 On CPU, torch runs on one thread (``--threads 1``) and a step's time is the CPU time of the
 process (``--clock process``: user + system) rather than wall time: the table
 reports ratios, and both choices keep them steady when other programs load the machine. With
@@ -41,19 +43,22 @@ one step (after the warm-up) runs under ``torch.profiler.profile(profile_memory=
 allocation and free of the CPU allocator is recorded with its size and time, and the peak is
 the maximum of their running sum. That sees exactly the tensors that gradient methods add:
 the k×|z| task gradients of the representation and, at ``level=params``, the k×D Jacobian of
-the backbone parameters. Memory is deterministic, so one step per method suffices.
+the backbone parameters. Memory is deterministic, so one step per method suffices. The
+representation gradients are freed before the backward pass, which (with the optimizer step)
+sets the peak, so at the representation level they barely move it.
 
 A method that refuses a level (a ``ConfigError`` when it is built) shows ``n/a``; methods
 without a ``level`` argument (the loss-based ones) have one row, level ``-``.
 
     uv run python benchmarks/weighting_cost.py [--tasks 3 10] [--methods mgda pcgrad]
-        [--levels representation params] [--rounds 5] [--steps 4] [--device cpu]
+        [--levels representation params] [--rounds 4] [--steps 4] [--device cpu]
         [--threads 1] [--backbone resnet18] [--image-size 32] [--batch-size 16]
 
 Prints a Markdown table (progress goes to stderr). Defaults are sized for a 2-core CPU: 32×32
-images (not the experiments' 64) and 5 rounds of 4 steps; the full default run (24 methods,
-37 variants at each of 3 and 10 tasks) then takes about ten minutes, most of it in the
-``level=params`` variants at 10 tasks. ``--device cuda`` measures on a GPU.
+images (not the experiments' 64) and 4 rounds of 4 steps; the full default run (24 methods,
+37 variants at each of 3 and 10 tasks, about 7.5 GB of RAM) then takes about 14 minutes, most
+of it in the ``level=params`` variants at 10 tasks. ``--device cuda`` measures on a GPU. Ratios
+of loss-based methods, which cost nothing measurable, show the noise: within about ±0.07.
 """
 
 from __future__ import annotations
@@ -353,26 +358,33 @@ def measure(
     )
     if (REFERENCE, None) not in runners:
         raise SystemExit(f"the reference method {REFERENCE!r} failed at {count} tasks")
+    equal = runners.pop((REFERENCE, None))
+    ratios: dict[tuple[str, str | None], list[float]] = {key: [] for key in runners}
     for round_index in range(args.rounds):
         start = time.perf_counter()
         order = list(runners.items())
         for key, runner in order if round_index % 2 == 0 else reversed(order):
+            # one step of equal just before and one just after the block: the machine's load
+            # drifts over seconds, and so hits both sides of the ratio alike
+            equal.timed(1)
             try:
                 runner.timed(args.steps)
             except Exception:
                 status[key] = "error"
                 log(f"  {count} tasks {key[0]} {key[1] or ''}: FAILED\n{traceback.format_exc()}")
-                del runners[key]
-        equal = runners[REFERENCE, None]
+                del runners[key], ratios[key]
+                continue
+            equal.timed(1)
+            block = statistics.median(runner.times[-args.steps :])
+            ratios[key].append(block / statistics.mean(equal.times[-2:]))
         log(
             f"{count} tasks, round {round_index + 1}/{args.rounds}: "
-            f"{time.perf_counter() - start:.0f} s, equal "
-            f"{statistics.median(equal.times[-args.steps :]) * 1e3:.1f} ms/step"
+            f"{time.perf_counter() - start:.0f} s, equal {equal.median * 1e3:.1f} ms/step so far"
         )
-    equal = runners[REFERENCE, None]
     results: dict[tuple[str, str | None], tuple[float, float] | str] = dict(status)
+    results[REFERENCE, None] = (1.0, 1.0)
     for key, runner in runners.items():
-        results[key] = (runner.median / equal.median, runner.peak_bytes / equal.peak_bytes)
+        results[key] = (statistics.median(ratios[key]), runner.peak_bytes / equal.peak_bytes)
     reference = (equal.median, equal.peak_bytes)
     del runners, equal
     gc.collect()
@@ -393,7 +405,7 @@ def main() -> None:
         "--methods", nargs="+", default=None, help="weighting methods (default: all registered)"
     )
     parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per round")
     parser.add_argument(
         "--warmup", type=int, default=1, help="steps before the memory step and the rounds"
@@ -465,8 +477,9 @@ def main() -> None:
     )
     print(
         f"equal: {equal}. {args.backbone}, {args.image_size}×{args.image_size} images, batch "
-        f"{args.batch_size}, {device.type} (threads={torch.get_num_threads()}), median of "
-        f"{args.rounds}×{args.steps} steps ({args.clock} time); peak = tensors alive at the step's worst moment."
+        f"{args.batch_size}, {device.type} (threads={torch.get_num_threads()}, {args.clock} "
+        f"time); time: median over {args.rounds} rounds of (median of a {args.steps}-step block) / "
+        "(equal's steps around it); peak mem: tensors alive at a step's worst moment."
     )
     for note in notes:
         print(f"note: slower than 1.3× equal at the representation level: {note}")
