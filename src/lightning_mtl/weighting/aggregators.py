@@ -19,24 +19,49 @@ from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
-def _preference(pref: Sequence[float] | None, k: int, name: str) -> torch.Tensor | None:
+def preference_vector(pref: Sequence[float] | None, k: int) -> torch.Tensor | None:
+    """A method's ``pref_vector`` as a float64 tensor, checked to hold one number per task."""
     if pref is None:
         return None
     if len(pref) != k:
-        raise ValueError(f"weighting.pref_vector of {name} has {len(pref)} numbers; expected {k}")
+        raise ValueError(f"weighting.pref_vector has {len(pref)} numbers; expected {k}")
     return torch.tensor([float(p) for p in pref], dtype=torch.float64)
 
 
 class TorchJDWeighting(GradientWeighting):
-    """A stateless torchjd Gram weighting applied to the present tasks' Gram matrix."""
+    """A stateless torchjd Gram weighting applied to the present tasks' Gram matrix.
+
+    Subclasses set ``self._rule`` once, or override :meth:`rule` when it depends on the
+    present tasks (a preference vector restricted to them).
+    """
+
+    _rule: jd.Weighting
 
     def rule(self, present: list[int]) -> jd.Weighting:
-        raise NotImplementedError
+        return self._rule
 
     def gram_weights(
         self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext
     ) -> torch.Tensor:
         return self.rule(present)(gram)
+
+
+class PreferenceWeighting(GradientWeighting):
+    """A rule parametrised by a preference π over the tasks (``pref_vector``)."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        level: str = "representation",
+        seed: int = 0,
+        pref_vector: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(tasks, level, seed)
+        self.pref = preference_vector(pref_vector, len(self.tasks))
+
+    def present_preference(self, present: list[int]) -> torch.Tensor | None:
+        """π restricted to the present tasks (None: the rule's uniform default)."""
+        return None if self.pref is None else self.pref[present]
 
 
 @WEIGHTINGS.register("mgda")
@@ -58,9 +83,6 @@ class MGDA(TorchJDWeighting):
     ) -> None:
         super().__init__(tasks, level, seed)
         self._rule = jd.MGDAWeighting(epsilon=epsilon, max_iters=max_iters)
-
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return self._rule
 
 
 @WEIGHTINGS.register("mgda_ub")
@@ -89,9 +111,6 @@ class PCGrad(TorchJDWeighting):
         super().__init__(tasks, level, seed)
         self._rule = jd.PCGradWeighting()
 
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return self._rule
-
 
 @WEIGHTINGS.register("cagrad")
 class CAGrad(TorchJDWeighting):
@@ -108,9 +127,6 @@ class CAGrad(TorchJDWeighting):
         super().__init__(tasks, level, seed)
         self._rule = jd.CAGradWeighting(c=c)
 
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return self._rule
-
 
 @WEIGHTINGS.register("imtl_g")
 class IMTLG(TorchJDWeighting):
@@ -124,12 +140,9 @@ class IMTLG(TorchJDWeighting):
         super().__init__(tasks, level, seed)
         self._rule = jd.IMTLGWeighting()
 
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return self._rule
-
 
 @WEIGHTINGS.register("aligned_mtl")
-class AlignedMTL(TorchJDWeighting):
+class AlignedMTL(PreferenceWeighting, TorchJDWeighting):
     """Aligned-MTL (Senushkin et al., CVPR 2023): align the principal components of J.
 
     With ``G = V Λ Vᵀ``, the gradients are replaced by a well-conditioned system
@@ -145,17 +158,16 @@ class AlignedMTL(TorchJDWeighting):
         pref_vector: Sequence[float] | None = None,
         scale_mode: str = "min",
     ) -> None:
-        super().__init__(tasks, level, seed)
-        self.pref_vector, self.scale_mode = pref_vector, scale_mode
+        super().__init__(tasks, level, seed, pref_vector)
+        self.scale_mode = scale_mode
 
     def rule(self, present: list[int]) -> jd.Weighting:
-        pref = _preference(self.pref_vector, len(self.tasks), "aligned_mtl")
-        pref = None if pref is None else pref[present]
+        pref = self.present_preference(present)
         return jd.AlignedMTLWeighting(pref_vector=pref, scale_mode=self.scale_mode)
 
 
 @WEIGHTINGS.register("upgrad")
-class UPGrad(TorchJDWeighting):
+class UPGrad(PreferenceWeighting, TorchJDWeighting):
     """UPGrad (Quinton & Rey, 2024, "Jacobian descent"): project onto the dual cone of the rows.
 
     Each gradient gᵢ is projected onto ``{x : Jx ≥ 0}`` (so it conflicts with no task), and the
@@ -163,42 +175,20 @@ class UPGrad(TorchJDWeighting):
     small quadratic program on G (quadprog).
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        level: str = "representation",
-        seed: int = 0,
-        pref_vector: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(tasks, level, seed)
-        self.pref_vector = pref_vector
-
     def rule(self, present: list[int]) -> jd.Weighting:
-        pref = _preference(self.pref_vector, len(self.tasks), "upgrad")
-        return jd.UPGradWeighting(pref_vector=None if pref is None else pref[present])
+        return jd.UPGradWeighting(pref_vector=self.present_preference(present))
 
 
 @WEIGHTINGS.register("dualproj")
-class DualProj(TorchJDWeighting):
+class DualProj(PreferenceWeighting, TorchJDWeighting):
     """DualProj (Quinton & Rey, 2024): project the averaged gradient onto the dual cone of J.
 
     ``d = proj_{x : Jx ≥ 0}(Σ πᵢ gᵢ)``: the closest direction to the average that conflicts
     with no task (a QP on G; cf. GEM, Lopez-Paz & Ranzato 2017).
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        level: str = "representation",
-        seed: int = 0,
-        pref_vector: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(tasks, level, seed)
-        self.pref_vector = pref_vector
-
     def rule(self, present: list[int]) -> jd.Weighting:
-        pref = _preference(self.pref_vector, len(self.tasks), "dualproj")
-        return jd.DualProjWeighting(pref_vector=None if pref is None else pref[present])
+        return jd.DualProjWeighting(pref_vector=self.present_preference(present))
 
 
 @WEIGHTINGS.register("fairgrad")
@@ -214,6 +204,3 @@ class FairGrad(TorchJDWeighting):
     ) -> None:
         super().__init__(tasks, level, seed)
         self._rule = jd.FairGradWeighting(alpha=alpha)
-
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return self._rule

@@ -14,12 +14,10 @@ A test checks ``Jᵀ w`` against torchjd's aggregator. Cost: one k×k pseudo-inv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from lightning_mtl.weighting.aggregators import PreferenceWeighting
 from lightning_mtl.weighting.base import StepContext
-from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
@@ -38,27 +36,10 @@ def config_weights(gram: torch.Tensor, pref: torch.Tensor | None = None) -> torc
 
 
 @WEIGHTINGS.register("config")
-class ConFIG(GradientWeighting):
+class ConFIG(PreferenceWeighting):
     """ConFIG; ``pref_vector`` (one number per task) replaces the equal-cosine target."""
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        level: str = "representation",
-        seed: int = 0,
-        pref_vector: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(tasks, level, seed)
-        if pref_vector is not None and len(pref_vector) != len(self.tasks):
-            raise ValueError(
-                f"weighting.pref_vector has {len(pref_vector)} numbers; expected {len(self.tasks)}"
-            )
-        self.pref_vector = None if pref_vector is None else [float(p) for p in pref_vector]
 
     def gram_weights(
         self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext
     ) -> torch.Tensor:
-        pref = None
-        if self.pref_vector is not None:
-            pref = torch.tensor(self.pref_vector, dtype=gram.dtype)[present]
-        return config_weights(gram, pref)
+        return config_weights(gram, self.present_preference(present))

@@ -30,16 +30,16 @@ Cost per step: O(k), one all-reduce of k numbers under DDP.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from lightning_mtl.weighting.base import Combined, StepContext, Weighting
+from lightning_mtl.weighting.base import LossWeighting, StepContext
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
 @WEIGHTINGS.register("famo")
-class FAMO(Weighting):
+class FAMO(LossWeighting):
     """FAMO with logit learning rate ``lr`` and logit weight decay ``weight_decay`` (γ)."""
 
     reads_loss_values = True
@@ -85,34 +85,23 @@ class FAMO(Weighting):
         v_hat = self.adam_v / (1 - beta2 ** int(self.adam_t))
         self.logits -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
 
-    def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
-        names = [name for name in self.tasks if name in losses]
-        local = [self.index[name] for name in names]
-        weighted = self.present_tasks(local, context)  # every rank: the same tasks
-        index = torch.tensor(weighted, dtype=torch.long, device=self.logits.device)
-        if context.global_losses is not None:
-            values = context.global_losses[weighted]
-        else:
-            values = torch.stack([losses[name].detach().float() for name in names])
+    def weights(
+        self, losses: torch.Tensor, present: list[int], context: StepContext
+    ) -> torch.Tensor:
+        index = torch.tensor(present, dtype=torch.long, device=self.logits.device)
         now = torch.zeros_like(self.prev_losses)
-        now[index] = values.to(now)
-        present = torch.zeros_like(self.prev_present)
-        present[index] = True
+        now[index] = losses.to(now)
+        labelled = torch.zeros_like(self.prev_present)
+        labelled[index] = True
         if context.step != int(self.prev_step):
             if int(self.prev_step) >= 0:
-                self._update_logits(now, present)
+                self._update_logits(now, labelled)
             self.prev_step.fill_(context.step)
         self.prev_losses.copy_(now)
-        self.prev_present.copy_(present)
+        self.prev_present.copy_(labelled)
 
         z = self.task_weights()[index]
         z = z / z.sum()
         gap = (now[index] - self.min_losses[index]).clamp_min(self.eps)
         c = 1.0 / (z / gap).sum()
-        weights = (c * z / gap).float()
-        position = {task: j for j, task in enumerate(weighted)}
-        total = weights.new_zeros(())
-        for name, i in zip(names, local, strict=True):
-            total = total + weights[position[i]].to(losses[name].device) * losses[name].float()
-        shown = {self.tasks[i]: weights[j] for j, i in enumerate(weighted)}
-        return Combined(total, shown)
+        return c * z / gap
