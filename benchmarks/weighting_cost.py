@@ -42,8 +42,8 @@ allocated before the step. On CPU no allocator keeps a peak, and neither the pro
 one step (after the warm-up) runs under ``torch.profiler.profile(profile_memory=True)``: every
 allocation and free of the CPU allocator is recorded with its size and time, and the peak is
 the maximum of their running sum. That sees exactly the tensors that gradient methods add:
-the k×|z| task gradients of the representation and, at ``level=params``, the k×D Jacobian of
-the backbone parameters. Memory is deterministic, so one step per method suffices. The
+the k×|z| task gradients of the representation and, at ``level=params``, the k×|θ_m| Jacobian
+block of one backbone module at a time (torchjd's autogram engine; never the k×D Jacobian). Memory is deterministic, so one step per method suffices. The
 representation gradients are freed before the backward pass, which (with the optimizer step)
 sets the peak, so at the representation level they barely move it.
 

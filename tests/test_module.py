@@ -56,6 +56,24 @@ def test_absent_tasks_are_left_out_but_their_heads_stay_in_the_graph(
     )
 
 
+@pytest.mark.parametrize("method", ["uncertainty", "imtl_l", "gradnorm", "famo"])
+def test_a_batch_without_any_label_still_gives_every_parameter_a_zero_gradient(
+    make_cfg: Callable[..., DictConfig], method: str
+) -> None:
+    """What DDP (find_unused_parameters=False) needs from a rank whose batch has no label: every
+    parameter, the balancer's learned ones included, is in the graph with a zero gradient."""
+    module = hydra.utils.instantiate(make_cfg(f"weighting={method}").model)
+    batch = batch_of(4)
+    for key in batch["mask"]:
+        batch["mask"][key] = torch.zeros(4, dtype=torch.bool)
+    loss = module.training_step(batch, 0)
+    assert float(loss) == 0.0
+    loss.backward()
+    missing = [name for name, p in module.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in module.parameters())
+
+
 def test_metric_inputs_are_probabilities_and_ignore_the_losses_ignore_index() -> None:
     backbone = Backbone("resnet18")
     tasks = build_tasks(
@@ -117,6 +135,9 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
     batch = batch_of(4)
     batch["mask"]["count"] = torch.tensor([True, False, True, False])
     module.training_step(batch, 0).backward()
+    # params level: G came from the autogram engine (no k×D Jacobian), hooks gone after the step
+    assert module.weighting._gramian.used == (level == "params")
+    assert all(not m._forward_hooks for m in module.net.backbone.modules())
     got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
     # the reference: every task's gradient on its own, from an ordinary forward

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lightning_mtl.eval import evaluate
 from lightning_mtl.train import train
@@ -143,6 +143,73 @@ def test_bf16_mixed_precision_run(make_cfg: Callable[..., DictConfig], tmp_path:
     assert objects["trainer"].precision == "bf16-mixed"
     losses = column(read_csv(tmp_path / "csv" / "metrics.csv"), "train/loss")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+class ScalerProbe(L.Callback):
+    """At every step's start: the GradScaler's scale, a backbone weight and the balancer state."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[float, torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def _record(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        state = {k: v.clone() for k, v in module.weighting.state_dict().items()}
+        weight = next(module.net.backbone.parameters()).detach().clone()
+        self.starts.append((trainer.precision_plugin.scaler.get_scale(), weight, state))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._record(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._record(trainer, module)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["nash_mtl", "dwa", *(pytest.param(m, marks=pytest.mark.slow) for m in ("famo", "gradvac"))],
+)
+@pytest.mark.parametrize("level", ["representation", "params"])
+def test_fp16_grad_scaler_skips_overflowing_steps_and_they_leave_no_trace_in_the_balancer(
+    method: str, level: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """16-mixed with a real GradScaler (on CPU through Lightning's MixedPrecision plugin): a huge
+    initial scale overflows the first steps, the scaler skips them, and neither the weights nor
+    the balancer's state move on those steps; the later steps train."""
+    if level == "params" and method in {"dwa", "famo"}:
+        pytest.skip("loss-based methods have no level")
+    cfg = make_cfg(
+        f"weighting={method}",
+        *([f"weighting.level={level}"] if method in {"nash_mtl", "gradvac"} else []),
+        "trainer.precision=null",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "callbacks.model_checkpoint=null",
+        "task=[segmentation,count,dominant_color]",
+        "+callbacks.probe._target_=tests.test_train.ScalerProbe",
+    )
+    scaler = {"_target_": "torch.amp.GradScaler", "device": "cpu"}
+    scaler.update(init_scale=2.0**30, backoff_factor=2.0**-16)  # 2^30, then 2^14, ...
+    plugin = {"_target_": "lightning.pytorch.plugins.precision.MixedPrecision"}
+    plugin.update(precision="16-mixed", device="cpu", scaler=scaler)
+    with open_dict(cfg):
+        cfg.trainer.plugins = [plugin]
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    probe = next(cb for cb in trainer.callbacks if isinstance(cb, ScalerProbe))
+    steps = list(zip(probe.starts, probe.starts[1:], strict=False))
+    assert len(steps) == 6
+    skipped = [(a, b) for a, b in steps if b[0] < a[0]]
+    taken = [(a, b) for a, b in steps if b[0] >= a[0]]
+    assert skipped and taken, [a[0] for a, _ in steps]
+    for a, b in skipped:  # a skipped step: no weight moved, the balancer is as before it
+        assert torch.equal(a[1], b[1])
+        assert all(torch.equal(a[2][key], b[2][key]) for key in a[2])
+    for a, b in taken:
+        assert not torch.equal(a[1], b[1])
+    assert all(torch.isfinite(p).all() for p in objects["model"].parameters())
+    losses = column(read_csv(tmp_path / "csv" / "metrics.csv"), "train/loss")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_wandb_offline_run_writes_its_files(

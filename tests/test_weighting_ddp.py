@@ -58,7 +58,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "static": {"weights": {"a": 2.0, "b": 1.0, "c": 0.5}},
 }
 # GradDrop draws its sign mask per element of the representation, and each rank masks only its
-# own samples' elements (from the same (seed, step) generator): the DDP direction is the same
+# own samples' elements (from a (seed, step, rank) generator): the DDP direction is the same
 # random function of the global batch, not the same draw as one process on the union batch, so
 # the backbone gradient cannot match by construction. Its weights (all 1) must still agree, and
 # the heads, which get their own task's gradient unmasked, must match on the first step (later
@@ -193,6 +193,7 @@ def _train(
         }
         if all_reduce is not None:
             context.world_size, context.all_reduce = world_size, all_reduce
+            context.rank = torch.distributed.get_rank()
             if weighting.reads_loss_values:
                 context.global_losses = _global_losses(losses, all_reduce)
         combined = weighting(losses, context)

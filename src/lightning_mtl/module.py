@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -149,8 +149,12 @@ class MultiTaskModule(L.LightningModule):
             }
         )
         self._updated: set[str] = set()  # metric collections updated since their last reset
+        #: evaluation sources in loader order (set up by add_source_metrics); [] for one source
+        self.source_names: list[str] = []
         #: (task names, cosine matrix, step) of the last gradient-conflict measurement
         self.conflict: tuple[list[str], torch.Tensor, int] | None = None
+        #: fp16: (GradScaler scale, balancer state) at the start of the optimizer step's window
+        self._snapshot: tuple[float, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------ the batch path
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,11 +165,14 @@ class MultiTaskModule(L.LightningModule):
     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Each task's loss over its labelled samples, and those samples' (output, label).
 
-        A task with no labelled sample (or only ignored labels) has no entry in either dict.
+        A task with no labelled sample (or only ignored labels, or whose label key the batch
+        lacks) has no entry in either dict.
         """
         losses: dict[str, torch.Tensor] = {}
         labelled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for task in self.tasks:
+            if task.target not in batch["targets"]:  # merged data: no sample of it labels this
+                continue
             output, target = outputs[task.name], batch["targets"][task.target]
             mask = batch.get("mask", {}).get(task.target)
             if mask is not None and not bool(mask.all()):
@@ -180,8 +187,12 @@ class MultiTaskModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
+        scale = self._grad_scale()
+        if scale is not None and batch_idx % self._accumulation == 0:
+            self._snapshot = (scale, {k: v.clone() for k, v in self.weighting.state_dict().items()})
+        self.weighting.prepare(self.net.backbone, self._world_size)
         features = self.net.forward_features(images)
-        context = StepContext(step=self.global_step, epoch=self.current_epoch)
+        context = StepContext(step=self.global_step, epoch=self.current_epoch, grad_scale=scale)
         shared = _feature_list(features)
         if self.weighting.needs_gradients:
             # The heads read the representation detached into leaves: task gradients of it cost
@@ -190,12 +201,11 @@ class MultiTaskModule(L.LightningModule):
             context.features = shared
             context.representation = [f.detach().requires_grad_(f.requires_grad) for f in shared]
             context.shared_parameters = list(self.net.backbone.parameters())
-            context.grad_scale = self._grad_scale()
             features = Features(context.representation[0], context.representation[1:])
         outputs = self.net.forward_heads(features, tuple(images.shape[-2:]))
         losses, labelled = self.task_losses(outputs, batch)
         if self._world_size > 1:
-            context.world_size = self._world_size
+            context.world_size, context.rank = self._world_size, self.global_rank
             context.all_reduce = self._all_reduce_sum
             if self.weighting.reads_loss_values:
                 context.global_losses = self._global_losses(losses)
@@ -215,13 +225,15 @@ class MultiTaskModule(L.LightningModule):
             self.log_dict(
                 {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
             )
+        else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
+            terms.extend(p.sum() * 0.0 for p in self.weighting.parameters())
         total = sum(terms[1:], start=terms[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
         every = self.hparams.grad_monitor_every_n_steps
         if every and self.global_step % every == 0 and batch_idx % self._accumulation == 0:
             self._log_gradient_conflict(losses, shared, context)
         if self.hparams.train_metrics:
-            self._update_metrics("train", labelled)
+            self._update_metrics("train_", labelled)
         return total
 
     @property
@@ -290,25 +302,34 @@ class MultiTaskModule(L.LightningModule):
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.nan)
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate("val", batch)
+    def validation_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._evaluate("val", batch, dataloader_idx)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate("test", batch)
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
 
-    def _evaluate(self, stage: str, batch: Mapping[str, Any]) -> None:
+    def _evaluate(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int = 0) -> None:
+        """Update each task's metrics and mean loss, overall and, with several evaluation
+        sources (one loader each), for the loader's source as well."""
         losses, labelled = self.task_losses(self.net(batch["image"]), batch)
-        for task, loss in losses.items():
-            # weighted by the labelled samples: the epoch value is a per-sample mean
-            self.loss_means[f"{stage}_{task}"].update(loss, weight=labelled[task][1].shape[0])
-        self._update_metrics(stage, labelled)
+        groups = [f"{stage}_"]
+        if self.source_names:
+            groups.append(f"{stage}_{self.source_names[dataloader_idx]}__")
+        for group in groups:
+            for task, loss in losses.items():
+                # weighted by the labelled samples: the epoch value is a per-sample mean
+                weight = labelled[task][1].shape[0]
+                self.loss_means[group + task].update(loss, weight=weight)
+            self._update_metrics(group, labelled)
 
     def _update_metrics(
-        self, stage: str, labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+        self, group: str, labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         for task in self.tasks:
-            if task.name in labelled:
-                key = f"{stage}_{task.name}"
+            key = group + task.name
+            if task.name in labelled and key in self.metrics:
                 self.metrics[key].update(*task.metric_inputs(*labelled[task.name]))
                 self._updated.add(key)
 
@@ -322,29 +343,61 @@ class MultiTaskModule(L.LightningModule):
         label anywhere in the epoch logs nothing. ``<stage>/loss`` is the sum of the tasks'
         mean losses.
         """
-        keys = [f"{stage}_{task.name}" for task in self.tasks]
+        groups = [("", f"{stage}_")]
+        if stage != "train":
+            groups += [(f"{source}/", f"{stage}_{source}__") for source in self.source_names]
+        entries = [
+            (name, task, group + task.name)
+            for name, group in groups
+            for task in self.tasks
+            if group + task.name in self.metrics
+        ]
+        keys = [key for _, _, key in entries]
         updated = torch.tensor([key in self._updated for key in keys], device=self.device)
         if self._world_size > 1:
             updated = self.trainer.strategy.reduce(updated.float(), reduce_op="sum") > 0
-        total = None
-        for task, key, was_updated in zip(self.tasks, keys, updated.tolist(), strict=True):
+        totals: dict[str, torch.Tensor] = {}
+        for (name, task, key), was_updated in zip(entries, updated.tolist(), strict=True):
             if was_updated:
                 # compute() already gathered all ranks: sync_dist only averages equal values
                 self.log_dict(self.metrics[key].compute(), sync_dist=True)
                 if key in self.loss_means:
                     loss = self.loss_means[key].compute()
-                    self.log(f"{stage}/{task.name}/loss", loss, sync_dist=True)
-                    total = loss if total is None else total + loss
+                    self.log(f"{stage}/{name}{task.name}/loss", loss, sync_dist=True)
+                    totals[name] = totals[name] + loss if name in totals else loss
             self.metrics[key].reset()
             if key in self.loss_means:
                 self.loss_means[key].reset()
             self._updated.discard(key)
-        if total is not None:
-            self.log(f"{stage}/loss", total, sync_dist=True, prog_bar=True)
+        for name, total in totals.items():
+            self.log(f"{stage}/{name}loss", total, sync_dist=True, prog_bar=not name)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.train_metrics:
             self._log_epoch_metrics("train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """fp16: a step the GradScaler skipped (inf/NaN gradients; it then lowers its scale)
+        leaves no trace in the balancer: its state returns to the start of the step's window.
+
+        Gradient methods already see an overflow in the task gradients of the representation
+        (NaN weights, state untouched), but one that occurs deeper in the backbone's backward
+        pass shows only when the scaler unscales; loss-based methods (DWA's history, FAMO's
+        logits) would otherwise count a step that did not happen.
+        """
+        if self._snapshot is None:
+            return
+        scale, state = self._snapshot
+        now = self._grad_scale()
+        if now is not None and now < scale:
+            self.weighting.load_state_dict(state)
+            self._snapshot = None
+            log.debug(
+                "step %d skipped by the GradScaler; balancer state restored", self.global_step
+            )
+
+    def on_train_end(self) -> None:
+        self.weighting.prepare(None)  # remove any hooks a balancer put on the backbone
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
@@ -353,21 +406,58 @@ class MultiTaskModule(L.LightningModule):
         self._log_epoch_metrics("test")
 
     # ------------------------------------------------------------------------------------- set-up
-    def check_against_batch(self, batch: Mapping[str, Any]) -> None:
-        """Run one real batch through the model and compare outputs with labels (see tasks.py)."""
+    def check_against_batch(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Run real batches through the model and compare outputs with labels (see tasks.py).
+
+        Several batches (one per source of merged data): each is checked for the labels it has,
+        and every task's label must be in at least one of them.
+        """
+        batches = [batch] if isinstance(batch, Mapping) else list(batch)
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                outputs = self.net(batch["image"])
+            for one in batches:
+                with torch.no_grad():
+                    outputs = self.net(one["image"])
+                check_tasks_against_batch(self.tasks, outputs, one, partial=len(batches) > 1)
         finally:
             self.train(was_training)
-        check_tasks_against_batch(self.tasks, outputs, batch)
+        provided = {key for one in batches for key in one["targets"]}
+        for task in self.tasks:
+            if task.target not in provided:
+                raise ConfigError(
+                    f"tasks.{task.name}.target={task.target!r} is not a label of the data; "
+                    f"the data module provides: {', '.join(sorted(provided))}"
+                )
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":
             # In place: state-dict keys (and so checkpoints) stay those of the eager model.
             self.net.compile()
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        self.add_source_metrics(getattr(datamodule, "eval_sources", None) or {})
+
+    def add_source_metrics(self, eval_sources: Mapping[str, Sequence[str]]) -> None:
+        """Per-source metrics, for data modules with one evaluation loader per source.
+
+        ``eval_sources`` maps each source name, in loader order, to the target keys it labels;
+        each of its tasks gets ``<stage>/<source>/<task>/<metric>`` (and ``.../loss``) beside the
+        task's overall ``<stage>/<task>/<metric>``. Called from :meth:`setup`, before Lightning
+        moves the module to its device. With fewer than two sources nothing is added.
+        """
+        if len(eval_sources) < 2 or self.source_names:
+            return
+        self.source_names = list(eval_sources)
+        for stage in ("val", "test"):
+            for source, targets in eval_sources.items():
+                for task in self.tasks:
+                    if task.target not in targets:
+                        continue
+                    key = f"{stage}_{source}__{task.name}"
+                    prefix = f"{stage}/{source}/{task.name}/"
+                    metrics = build_metrics(task.name, task.head, task.metrics)
+                    self.metrics[key] = metrics.clone(prefix=prefix).to(self.device)
+                    self.loss_means[key] = MeanMetric().to(self.device)
 
     def configure_optimizers(self) -> Any:
         """One optimizer: backbone, heads and balancer parameters in three groups.

@@ -1,5 +1,16 @@
-"""Data modules. A batch is ``{"image": B×C×H×W, "targets": {key: tensor}, "mask": {key: bool[B]}}``."""
+"""Data modules. A batch is ``{"image": B×C×H×W, "targets": {key: tensor}, "mask": {key: bool[B]}}``
+(merged data adds ``"source": int[B]``)."""
 
-from lightning_mtl.data.shapes import ShapesDataModule, ShapesDataset
+from lightning_mtl.data.merged import MergedDataModule, MergedDataset, collate_merged
+from lightning_mtl.data.sampling import MultiSourceSampler
+from lightning_mtl.data.shapes import ShapesDataModule, ShapesDataset, ShapesSource
 
-__all__ = ["ShapesDataModule", "ShapesDataset"]
+__all__ = [
+    "MergedDataModule",
+    "MergedDataset",
+    "MultiSourceSampler",
+    "ShapesDataModule",
+    "ShapesDataset",
+    "ShapesSource",
+    "collate_merged",
+]

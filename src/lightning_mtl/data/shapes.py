@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_mtl.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle")
 PALETTE = np.array(
     [
@@ -208,3 +210,50 @@ class ShapesDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+class ShapesSource(ShapesDataset):
+    """One split of a generated Shapes source for :class:`~lightning_mtl.data.MergedDataModule`
+    that labels only ``targets`` (all five by default): the embedded stand-in for a real
+    dataset that annotates some of the tasks.
+
+    Two sources with different ``seed`` draw different scenes, and ``image_size`` may differ
+    between sources (with homogeneous batches). Split s of source seed k draws from seed
+    ``(k, s)``, as :class:`ShapesDataModule` does.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        sizes: dict[str, int] | None = None,
+        targets: list[str] | tuple[str, ...] | None = None,
+        seed: int = 0,
+        image_size: int = 64,
+        max_objects: int = 5,
+    ) -> None:
+        sizes = dict(sizes or {"train": 1024, "val": 128, "test": 128})
+        if split not in sizes:
+            raise ConfigError(f"ShapesSource: split={split!r} is not one of {sorted(sizes)}")
+        keep = tuple(targets) if targets else ShapesDataset.target_names
+        unknown = set(keep) - set(ShapesDataset.target_names)
+        if unknown:
+            raise ConfigError(
+                f"ShapesSource: targets {sorted(unknown)} unknown; accepted: "
+                f"{', '.join(ShapesDataset.target_names)}"
+            )
+        offset = ("train", "val", "test").index(split) if split in ("train", "val", "test") else 3
+        split_seed = int(np.random.SeedSequence((seed, offset)).generate_state(1)[0])
+        scene = SceneConfig(image_size=image_size, max_objects=max_objects)
+        super().__init__(int(sizes[split]), split_seed, scene)
+        self.target_names = keep
+        self.num_classes = {k: v for k, v in ShapesDataset.num_classes.items() if k in keep}
+        self.num_labels = {k: v for k, v in ShapesDataset.num_labels.items() if k in keep}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        targets = {k: v for k, v in item["targets"].items() if k in self.target_names}
+        return {
+            "image": item["image"],
+            "targets": targets,
+            "mask": {k: item["mask"][k] for k in targets},
+        }

@@ -55,7 +55,8 @@ class StepContext:
     * ``representation``: the same tensors detached into leaves, which the heads consumed, so
       task gradients with respect to them cost a backward pass through the heads only;
     * ``shared_parameters``: the trainable shared (backbone) parameters;
-    * ``all_reduce``: sums a tensor over DDP ranks (``None`` outside DDP), ``world_size`` ranks;
+    * ``all_reduce``: sums a tensor over DDP ranks (``None`` outside DDP), ``world_size`` ranks,
+      this one being ``rank``;
     * ``grad_scale``: the fp16 GradScaler's current scale (``None`` without a scaler).
     """
 
@@ -67,6 +68,7 @@ class StepContext:
     shared_parameters: Sequence[torch.Tensor] = field(default_factory=list)
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     world_size: int = 1
+    rank: int = 0
     grad_scale: float | None = None
 
 
@@ -99,6 +101,10 @@ class Weighting(nn.Module):
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         raise NotImplementedError
+
+    def prepare(self, backbone: nn.Module | None, world_size: int = 1) -> None:
+        """Called before each training step's forward pass (None at the end of fit); a method
+        that hooks the backbone (params-level gradient methods) does it here. Default: nothing."""
 
     @staticmethod
     def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:

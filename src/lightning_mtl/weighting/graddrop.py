@@ -8,9 +8,11 @@ kept gradients are summed (``leak`` lets a fraction of each task's gradient thro
 GradDrop works element by element on the activations, so it needs the task gradients
 themselves, not their Gram matrix, and it is defined at the representation level only (the paper
 inserts it as a layer after the shared encoder). The masking is torchjd's ``GradDrop`` aggregator,
-applied to the k×|z| matrix of representation gradients; the draw is seeded by ``(seed, step)``.
-Under DDP each rank masks its own samples' activations: the global direction is the same
-random function of the global batch, though not the same draw as one process on the union batch.
+applied to the k×|z| matrix of representation gradients; the draw is seeded by
+``(seed, step, rank)``, so a resumed run repeats it. Under DDP each rank masks its own samples'
+activations with its own draw (a shared draw would give sample j of every rank the same U): the
+global direction is the same random function of the global batch as in one process, though not
+the same draw.
 There are no task weights: ``train/weight/<task>`` logs 1.
 """
 
@@ -56,5 +58,5 @@ class GradDrop(GradientWeighting):
         if not local or not bool(torch.isfinite(weights).all()):
             return super().representation_direction(rows, weights, local, context)
         with torch.random.fork_rng(devices=[rows.device] if rows.is_cuda else []):
-            torch.manual_seed(step_generator_seed(self.seed, context.step))
+            torch.manual_seed(step_generator_seed(self.seed, context.step, context.rank))
             return jd.GradDrop(leak=self.leak[local].to(rows))(rows)

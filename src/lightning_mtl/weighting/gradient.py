@@ -8,7 +8,8 @@ weights that depend only on the k×k Gram matrix ``G = J Jᵀ`` of the task Jaco
    gradient ``∂Lᵢ/∂z'`` costs a backward pass through the heads only (``autograd.grad``);
 2. G comes from those gradients (``level=representation``, the MGDA-UB trick of Sener &
    Koltun 2018) or from the gradients of the shared parameters θ (``level=params``: one more
-   backward pass per task through the backbone, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``);
+   backward pass per task through the backbone, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``, batched by
+   torchjd's autogram engine so that only G, never the k×D Jacobian, is formed);
 3. ``w = rule(G)`` (detached; under DDP G is global, so every rank gets the same w);
 4. the step returns ``Σ Lᵢ(z') + ⟨z, Σ wᵢ ∂Lᵢ/∂z'⟩ − (the same, detached)``. Lightning's one
    backward then gives every head exactly its own task's gradient and the backbone exactly
@@ -17,8 +18,9 @@ weights that depend only on the k×k Gram matrix ``G = J Jᵀ`` of the task Jaco
 
 Cost per step, for k tasks: k backward passes through the heads and one through the backbone
 (representation level), plus k through the backbone (params level). Memory: the k×|z| task
-gradients of the representation; at params level also the k×D Jacobian of the shared
-parameters, freed once G is formed (G is all that the rules read).
+gradients of the representation; at params level also one module's k×|θ_m| Jacobian block at a
+time (:mod:`~lightning_mtl.weighting.shared_gramian`; G is all that the rules read), or the
+k×D Jacobian under DDP and in plain loops that skip :meth:`GradientWeighting.prepare`.
 
 DDP: the rule must see the global batch. At the representation level the global Gram matrix is
 the sum of the ranks' local ones divided by world_size² (DDP averages gradients): one
@@ -37,12 +39,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
+from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,11 @@ def task_gradients(
     return torch.stack(rows)
 
 
-def step_generator_seed(seed: int, step: int) -> int:
-    """A seed for ``(seed, step)``: identical on every DDP rank and after a resume."""
-    return int(np.random.SeedSequence((int(seed), int(step))).generate_state(1)[0])
+def step_generator_seed(seed: int, step: int, *more: int) -> int:
+    """A seed for ``(seed, step, *more)``: identical on every DDP rank and after a resume
+    (``more``: e.g. the rank, for draws that must differ between ranks)."""
+    key = (int(seed), int(step), *(int(m) for m in more))
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class GradientWeighting(Weighting):
@@ -105,6 +112,14 @@ class GradientWeighting(Weighting):
         #: the global k×k Gram matrix of the last step (zero rows for tasks no rank labelled)
         self.last_gram: torch.Tensor | None = None
         self._warned_nonfinite = False
+        self._gramian = SharedGramian()
+
+    def prepare(self, backbone: nn.Module | None, world_size: int = 1) -> None:
+        """At the params level of a single process, hook ``backbone`` so that G comes without
+        the k×D Jacobian (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks it.
+        Without this call (or under DDP) the params level forms the Jacobian."""
+        use = self.level == "params" and world_size == 1
+        self._gramian.prepare(backbone if use else None)
 
     # ---------------------------------------------------------------------------- the rule
     def gram_weights(
@@ -166,9 +181,10 @@ class GradientWeighting(Weighting):
         self.last_gram = gram.detach()
 
         sub = gram[present][:, present].double()
+        finite = bool(torch.isfinite(sub).all())
         if not present:
             weights = gram.new_zeros(0)
-        elif bool(torch.isfinite(sub).all()):
+        elif finite:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(step_generator_seed(self.seed, context.step))
                 weights = self.gram_weights(sub, present, loss_values.double(), context).float()
@@ -188,9 +204,13 @@ class GradientWeighting(Weighting):
         total = self._surrogate(direction, context)
         for name in names:
             total = total + losses[name]
-        extra = self.extra_loss(sub, present, loss_values.double(), context)
-        if extra is not None:
-            total = total + (extra - extra.detach())
+        if finite:
+            extra = self.extra_loss(sub, present, loss_values.double(), context)
+            if extra is not None:
+                total = total + (extra - extra.detach())
+        else:  # the rule's own parameters (GradNorm) get a zero gradient, not a NaN one
+            for parameter in self.parameters():
+                total = total + parameter.sum() * 0.0
         shown = {self.tasks[i]: weights[j].detach() for j, i in enumerate(present)}
         return Combined(total, shown)
 
@@ -200,6 +220,14 @@ class GradientWeighting(Weighting):
         """The k×k Gram matrix of the global batch; ``stats`` is summed over ranks in place."""
         k = len(self.tasks)
         if self.level == "params":
+            if context.all_reduce is None:
+                self._check_trainable(context)
+                local_gram = self._gramian.gramian(rows, context.features, context.grad_scale)
+                if local_gram is not None:
+                    gram = rows.new_zeros(k, k)
+                    index = torch.tensor(local, dtype=torch.long, device=gram.device)
+                    gram[index[:, None], index[None, :]] = local_gram.to(gram)
+                    return gram
             jacobian = self._parameter_jacobian(rows, local, context)
             if context.all_reduce is not None:
                 packed = context.all_reduce(torch.cat([jacobian.flatten(), stats.flatten()]))
@@ -219,12 +247,8 @@ class GradientWeighting(Weighting):
         self, rows: torch.Tensor, local: list[int], context: StepContext
     ) -> torch.Tensor:
         """The k×D Jacobian of the shared parameters: ``(∂z/∂θ)ᵀ ∂Lᵢ/∂z`` per task."""
+        self._check_trainable(context)
         params = [p for p in context.shared_parameters if p.requires_grad]
-        if not params:
-            raise ConfigError(
-                "weighting.level=params needs trainable shared parameters, but the backbone is "
-                "frozen; use weighting.level=representation"
-            )
         features = list(context.features)
         scale = context.grad_scale or 1.0
         jacobian = rows.new_zeros(len(self.tasks), sum(p.numel() for p in params))
@@ -245,25 +269,48 @@ class GradientWeighting(Weighting):
             jacobian[i] = torch.cat(flat) / scale
         return jacobian
 
+    @staticmethod
+    def _check_trainable(context: StepContext) -> None:
+        if not any(p.requires_grad for p in context.shared_parameters):
+            raise ConfigError(
+                "weighting.level=params needs trainable shared parameters, but the backbone is "
+                "frozen; use weighting.level=representation"
+            )
+
     def _surrogate(self, direction: torch.Tensor, context: StepContext) -> torch.Tensor:
-        """``⟨z, d⟩ − ⟨z, d⟩.detach()``: zero in value, its backward sends ``d`` into the backbone.
+        """Zero in value; its backward sends ``d`` into the backbone (as ``⟨z, d⟩`` would).
 
         Every feature tensor appears (with a zero direction where no head read it), so DDP with
         ``find_unused_parameters=False`` sees a gradient for every backbone parameter.
         """
         features = list(context.features)
         parts = _split_like(direction, features, keep_dtype=True)
-        total = None
+        total = direction.new_zeros(())
         for feature, part in zip(features, parts, strict=True):
-            if not feature.requires_grad:
-                continue
-            # in float32: an fp16 copy of the unscaled direction could underflow; the scaled
-            # gradient that reaches the fp16 feature in the backward pass does not
-            term = (feature.float() * part.detach()).sum()
-            total = term if total is None else total + term
-        if total is None:
-            return direction.new_zeros(())
-        return total - total.detach()
+            if feature.requires_grad:
+                total = total + _InjectGradient.apply(feature, part.detach())
+        return total
+
+
+class _InjectGradient(torch.autograd.Function):
+    """Exactly zero in value (even for a NaN direction, so the logged loss stays finite on a
+    step the GradScaler skips); its backward sends ``grad · direction`` into ``feature``.
+
+    The product is formed in float32 and only then cast to the feature's dtype: an fp16 copy of
+    the unscaled direction could underflow, the scaled gradient that fp16 features receive
+    does not.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, feature: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(direction)
+        ctx.dtype = feature.dtype
+        return direction.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (direction,) = ctx.saved_tensors
+        return (grad.float() * direction.float()).to(ctx.dtype), None
 
 
 def _split_like(

@@ -1,0 +1,398 @@
+"""Merge datasets that each label a subset of the tasks into multi-task batches.
+
+Each *source* is a dataset of the contract in ``data/sources/base.py`` (its own files, its own
+transforms and input size) built once per split. Training batches come from
+:class:`~lightning_mtl.data.sampling.MultiSourceSampler` (strategy, mixed or homogeneous
+batches, DDP sharding, resume); :func:`collate_merged` stacks the samples and gives every label
+key of the batch a per-sample mask (False where the sample's source does not label it). Losses
+then leave those samples out, a task with no labelled sample leaves the step's weighting, and
+evaluation runs one loader per source so metrics come per source and per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mtl.data.sampling import MultiSourceSampler
+from lightning_mtl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SourceFactory = Callable[..., Dataset]
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class MergedDataset(Dataset[list[dict[str, Any]]]):
+    """The sources of one split; item ``[(source, index), ...]`` is that list of samples.
+
+    Each sample gets ``"source"`` (the source's position) and ``"index"`` (its index in that
+    source), and its label keys renamed as the source's ``rename`` says.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        renames: Sequence[Mapping[str, str]] | None = None,
+    ) -> None:
+        self.datasets = list(datasets)
+        self.renames = [dict(r) for r in (renames or [{} for _ in self.datasets])]
+
+    def sizes(self) -> list[int]:
+        return [len(d) for d in self.datasets]  # type: ignore[arg-type]
+
+    def sample(self, source: int, index: int) -> dict[str, Any]:
+        item = self.datasets[source][index]
+        rename = self.renames[source]
+        if rename:
+            item = {
+                **item,
+                "targets": {rename.get(k, k): v for k, v in item["targets"].items()},
+                "mask": {rename.get(k, k): v for k, v in item["mask"].items()},
+            }
+        return {**item, "source": source, "index": index}
+
+    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        return [self.sample(int(s), int(i)) for s, i in keys]
+
+    def __len__(self) -> int:
+        return sum(self.sizes())
+
+
+def collate_merged(
+    samples: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Stack samples of several sources into one batch with a per-sample mask per label key.
+
+    A sample whose source lacks a key gets zeros shaped like the others' label and mask False;
+    a key that no sample of the batch has is left out (the model skips that task this step).
+    Images must share one size; ``names`` (the sources' names) make the error say which differ.
+    """
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) > 1:
+        by_source = {
+            (names[s["source"]] if names else s["source"]): tuple(s["image"].shape) for s in samples
+        }
+        raise DataError(
+            f"a mixed batch holds images of different sizes {by_source}: give the sources one "
+            "image_size, or use data.sampling.mixing=homogeneous (one source per batch)"
+        )
+    keys = sorted({k for s in samples for k in s["targets"]})
+    targets, masks = {}, {}
+    for key in keys:
+        template = next(s["targets"][key] for s in samples if key in s["targets"])
+        values, present = [], []
+        for s in samples:
+            if key in s["targets"]:
+                value = torch.as_tensor(s["targets"][key])
+                if value.shape != template.shape:
+                    raise DataError(
+                        f"label {key!r} has shape {tuple(value.shape)} in one sample and "
+                        f"{tuple(template.shape)} in another of the same batch"
+                    )
+                values.append(value)
+                present.append(bool(s["mask"].get(key, True)))
+            else:
+                values.append(torch.zeros_like(template))
+                present.append(False)
+        targets[key] = torch.stack(values)
+        masks[key] = torch.tensor(present)
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "targets": targets,
+        "mask": masks,
+        "source": torch.tensor([int(s["source"]) for s in samples]),
+        "index": torch.tensor([int(s.get("index", -1)) for s in samples]),
+    }
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning saves its position in checkpoints and restores it.
+
+    ``state_dict`` records the epoch and how many of its batches were trained on (``position``
+    reads it from the Trainer); ``load_state_dict`` makes the sampler skip them, so a run
+    resumed mid-epoch continues the same sequence instead of starting the epoch over.
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: MultiSourceSampler = self.sampler  # type: ignore[assignment]
+        return {"epoch": sampler.epoch, "batches": int(self._position())}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        sampler: MultiSourceSampler = self.sampler  # type: ignore[assignment]
+        sampler.set_epoch(int(state["epoch"]))
+        sampler.skip(int(state["batches"]))
+
+
+class MergedDataModule(L.LightningDataModule):
+    """Several source datasets, each labelling some tasks, as one multi-task data module.
+
+    Args:
+        sources: ``{name: factory}`` or ``{name: {"dataset": factory, "rename": {...}}}``; a
+            factory (a Hydra ``_partial_`` config) is called with ``split="train"|"val"|"test"``.
+            ``rename`` maps the source's label keys to the keys the tasks read (e.g. two sources
+            that both call their label ``segmentation`` but with different classes).
+        batch_size: samples per step per rank.
+        sampling: ``strategy`` (proportional | round_robin | temperature), ``mixing`` (mixed |
+            homogeneous), ``tau``, ``steps_per_epoch`` and ``drop_last``; see ``sampling.py``.
+        seed: the sampling order's seed (the same on every rank, after a resume, in every run).
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, SourceFactory | Mapping[str, Any]],
+        batch_size: int = 32,
+        sampling: Mapping[str, Any] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        eval_splits: Sequence[str] = ("val", "test"),
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ConfigError("data.sources is empty: give at least one source dataset")
+        self.factories: dict[str, SourceFactory] = {}
+        self.renames: dict[str, dict[str, str]] = {}
+        for name, spec in sources.items():
+            if not _NAME.match(str(name)):
+                raise ConfigError(
+                    f"data.sources.{name}: a source name must start with a letter and hold only "
+                    "letters, digits and '_' (it becomes part of metric keys)"
+                )
+            if isinstance(spec, Mapping):
+                unknown = set(spec) - {"dataset", "rename"}
+                if "dataset" not in spec or unknown:
+                    raise ConfigError(
+                        f"data.sources.{name}: expected a dataset factory or a mapping with "
+                        f"'dataset' (and optional 'rename'), got keys {sorted(spec)}"
+                    )
+                self.factories[name] = spec["dataset"]
+                self.renames[name] = dict(spec.get("rename") or {})
+            else:
+                self.factories[name] = spec
+                self.renames[name] = {}
+            if not callable(self.factories[name]):
+                raise ConfigError(
+                    f"data.sources.{name}: the dataset must be a factory called with split=..., "
+                    "e.g. a config with `_partial_: true`"
+                )
+        self.batch_size = int(batch_size)
+        self.sampling = dict(sampling or {})
+        unknown = set(self.sampling) - {
+            "strategy",
+            "mixing",
+            "tau",
+            "steps_per_epoch",
+            "drop_last",
+        }
+        if unknown:
+            raise ConfigError(
+                f"data.sampling has unknown keys {sorted(unknown)}; accepted: strategy, mixing, "
+                "tau, steps_per_epoch, drop_last"
+            )
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.seed, self.eval_splits = int(seed), tuple(eval_splits)
+        self.splits: dict[str, MergedDataset] = {}
+        self._sampler: MultiSourceSampler | None = None
+        self._resume: dict[str, int] | None = None
+
+    # ------------------------------------------------------------------ checkpointed position
+    def state_dict(self) -> dict[str, int]:
+        """The training position, saved in every checkpoint: the epoch and how many of its
+        batches were trained on. (Lightning also asks the loader, but it restores loaders only
+        when it builds them after the checkpoint is read, which a scheduler that counts the
+        steps of training prevents; the data module is always restored first.)"""
+        if self._sampler is None:
+            return {}
+        return {"epoch": self._sampler.epoch, "batches": self._position()}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state:
+            self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+            if self._sampler is not None:  # the loader exists already
+                self._sampler.set_epoch(self._resume["epoch"])
+                self._sampler.skip(self._resume["batches"])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.factories)
+
+    # ------------------------------------------------------------------ datasets and labels
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in wanted.get(stage or "", ("train", *self.eval_splits)):
+            self._split(split)
+
+    def _split(self, split: str) -> MergedDataset:
+        if split not in self.splits:
+            datasets = [self.factories[name](split=split) for name in self.names]
+            for name, dataset in zip(self.names, datasets, strict=True):
+                if len(dataset) == 0:  # type: ignore[arg-type]
+                    raise DataError(f"data.sources.{name}: the {split} split has no sample")
+            renames = [self.renames[name] for name in self.names]
+            self.splits[split] = MergedDataset(datasets, renames)
+        return self.splits[split]
+
+    def _targets_of(self, dataset: Dataset, name: str) -> list[str]:
+        rename = self.renames[name]
+        keys = getattr(dataset, "target_names", None)
+        if keys is None:
+            keys = list(dataset[0]["targets"])
+        return [rename.get(k, k) for k in keys]
+
+    @property
+    def eval_sources(self) -> dict[str, list[str]]:
+        """Each source (in evaluation-loader order) and the label keys it provides."""
+        dataset = self._split(self.eval_splits[0])
+        return {
+            name: self._targets_of(d, name)
+            for name, d in zip(self.names, dataset.datasets, strict=True)
+        }
+
+    def _merged_attribute(self, attribute: str) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        owner: dict[str, str] = {}
+        dataset = self._split("train")
+        for name, d in zip(self.names, dataset.datasets, strict=True):
+            rename = self.renames[name]
+            for key, value in (getattr(d, attribute, None) or {}).items():
+                key = rename.get(key, key)
+                if key in merged and merged[key] != value:
+                    raise DataError(
+                        f"label {key!r} has {attribute}={merged[key]} in source {owner[key]!r} "
+                        f"but {value} in {name!r}: rename one (data.sources.{name}.rename)"
+                    )
+                merged[key], owner[key] = value, name
+        return merged
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        dataset = self._split("train")
+        keys = [
+            k
+            for n, d in zip(self.names, dataset.datasets, strict=True)
+            for k in self._targets_of(d, n)
+        ]
+        return tuple(dict.fromkeys(keys))
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return self._merged_attribute("num_classes")
+
+    @property
+    def num_labels(self) -> dict[str, int]:
+        return self._merged_attribute("num_labels")
+
+    def example_batch(self, size: int = 2) -> list[dict[str, Any]]:
+        """One small batch per source (from the first evaluation split), to check the tasks."""
+        dataset = self._split(self.eval_splits[0])
+        batches = []
+        for source, n in enumerate(dataset.sizes()):
+            keys = [(source, i) for i in range(min(size, n))]
+            batches.append(collate_merged(dataset[keys], self.names))
+        return batches
+
+    # ------------------------------------------------------------------ loaders
+    def _rank(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _trainer_or_none(self) -> L.Trainer | None:
+        return getattr(self, "trainer", None)
+
+    def _position(self) -> int:
+        """Batches of the current epoch trained on so far (for a mid-epoch checkpoint)."""
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    def train_sampler(self) -> MultiSourceSampler:
+        rank, world_size = self._rank()
+        return MultiSourceSampler(
+            self._split("train").sizes(),
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            **self.sampling,
+        )
+
+    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return collate_merged(samples, self.names)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_sampler()
+        if self._resume is not None:  # restored from a checkpoint: continue where it stopped
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip(self._resume["batches"])
+            self._resume = None
+        self._sampler = sampler
+        counts = sampler.describe(self.names)
+        log.info("samples per epoch by source: %s; %d steps", counts, len(sampler))
+        return ResumableLoader(
+            self._split("train"),
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches of (source, index)
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            position=self._position,
+        )
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        """One loader per source, in order: metrics per source come from the loader index."""
+        dataset = self._split(split)
+        loaders = []
+        for source, n in enumerate(dataset.sizes()):
+            keys = [(source, i) for i in range(n)]
+            batches = [keys[j : j + self.batch_size] for j in range(0, n, self.batch_size)]
+            loaders.append(
+                DataLoader(
+                    _Batches(dataset, batches),
+                    batch_size=None,
+                    collate_fn=self._collate,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                    persistent_workers=self.persistent_workers,
+                )
+            )
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
+class _Batches(Dataset[list[dict[str, Any]]]):
+    """A fixed list of batches of ``(source, index)``: item j is batch j's samples.
+
+    Under DDP, Lightning's DistributedSampler shards these batches over the ranks."""
+
+    def __init__(self, dataset: MergedDataset, batches: list[list[tuple[int, int]]]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __getitem__(self, j: int) -> list[dict[str, Any]]:
+        return self.dataset[self.batches[j]]
+
+    def __len__(self) -> int:
+        return len(self.batches)

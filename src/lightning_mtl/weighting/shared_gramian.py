@@ -1,0 +1,108 @@
+"""The Gram matrix of the shared parameters' task Jacobian, without holding the Jacobian.
+
+At ``weighting.level=params`` a Gram-based rule needs ``G = J Jᵀ`` with J the k×D Jacobian of
+the k task losses with respect to the D shared parameters. Forming J costs k·D floats (for a
+ResNet-50 and 10 tasks, 1 GB). torchjd's autogram engine (Jacobian Descent for Multi-Objective
+Optimization, Quinton & Rey 2024, Algorithm 3) sums the Gram matrix module by module during one
+batched backward pass, so only one module's k×|θ_m| block exists at a time. Same backward cost as
+k separate passes; memory k·max|θ_m| instead of k·D.
+
+The engine hooks the backbone's modules and records the forward passes, so it must exist
+*before* the step's forward: :meth:`prepare` hooks the backbone at the start of each training
+step (with its trainable parameters of that moment, so freezing and gradual unfreezing are
+followed) and the hooks are removed as soon as G is formed. Between steps the backbone carries no
+hook: validation, callbacks and ``copy.deepcopy`` see a plain module. ``batch_dim=None``:
+BatchNorm mixes the samples of a batch, which the engine's batched mode forbids. Under mixed
+precision (autocast) the engine is not used (see :meth:`SharedGramian.prepare`).
+
+Under DDP the global Gram matrix has cross-rank terms ``J_r J_sᵀ`` that local Gram matrices do
+not give, so there the k×D Jacobian is formed and all-reduced instead (see ``gradient.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchjd.autogram import Engine
+
+log = logging.getLogger(__name__)
+
+
+class SharedGramian:
+    """Hooks the backbone for one step with a torchjd autogram engine and queries it."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._warned = False
+        self._warned_autocast = False
+        #: whether the last Gram matrix came from the engine (False: from the explicit Jacobian)
+        self.used = False
+
+    @property
+    def active(self) -> bool:
+        return self._engine is not None
+
+    def prepare(self, backbone: nn.Module | None) -> None:
+        """Hook ``backbone``'s modules that have trainable parameters; None only unhooks.
+
+        Under autocast (``16-mixed``, ``bf16-mixed``) nothing is hooked: torchjd 0.18's engine
+        multiplies the half-precision module Jacobians with float32 ones and fails, so the
+        caller forms the Jacobian instead.
+        """
+        self.close()
+        trainable = [p for p in backbone.parameters() if p.requires_grad] if backbone else []
+        if not trainable:
+            return
+        if torch.is_autocast_enabled(trainable[0].device.type):
+            if not self._warned_autocast:
+                log.info("mixed precision: the params-level Gram matrix comes from the Jacobian")
+                self._warned_autocast = True
+            return
+        self._engine = Engine(backbone, batch_dim=None)
+
+    def close(self) -> None:
+        """Remove the engine's hooks from the backbone."""
+        if self._engine is not None:
+            # the engine removes its forward hooks when finalized; do it now, not at GC time
+            self._engine._module_hook_manager._finalizer()
+        self._engine = None
+
+    def gramian(
+        self, rows: torch.Tensor, features: Sequence[torch.Tensor], scale: float | None
+    ) -> torch.Tensor | None:
+        """``G = J Jᵀ`` for the task gradients ``rows`` (m × |z|) of the representation.
+
+        The i-th output differentiated is ``⟨z, rowᵢ⟩``, whose gradient in θ is
+        ``(∂z/∂θ)ᵀ rowᵢ``, the i-th row of J. With a GradScaler ``scale`` the rows are scaled
+        before the backbone's (fp16) backward and G is divided by scale² in float32. Returns
+        None (the caller forms J instead) when the engine is absent or refuses this graph.
+        """
+        self.used = False
+        if self._engine is None:
+            return None
+        factor = scale or 1.0
+        outputs = []
+        for row in rows:
+            parts = torch.split(row * factor, [f.numel() for f in features])
+            terms = [
+                (f.float() * p.view(f.shape).to(f.dtype).float()).sum()
+                for f, p in zip(features, parts, strict=True)
+                if f.requires_grad
+            ]
+            outputs.append(torch.stack(terms).sum())
+        try:
+            if not outputs:
+                return rows.new_zeros(0, 0)
+            gram = self._engine.compute_gramian(torch.stack(outputs))
+        except ValueError as error:  # e.g. a hooked module ran a forward outside the step
+            if not self._warned:
+                log.warning("autogram engine refused this step (%s); forming the Jacobian", error)
+                self._warned = True
+            return None
+        finally:
+            self.close()
+        self.used = True
+        return gram.float() / factor**2

@@ -1,0 +1,292 @@
+"""Merged heterogeneous data: sampling strategies, masks, per-source metrics, DDP and resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import DictConfig
+
+from lightning_mtl.data import MergedDataModule, MultiSourceSampler, ShapesSource, collate_merged
+from lightning_mtl.data.sampling import source_counts
+from lightning_mtl.errors import ConfigError, DataError
+from lightning_mtl.train import train
+from tests.conftest import FAST, compose_config
+
+SMALL = [
+    "experiment=shapes_heterogeneous",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.sources.scenes.sizes={train:40,val:16,test:8}",
+    "data.sources.objects.sizes={train:16,val:8,test:8}",
+    "data.sources.scenes.image_size=32",
+    "data.sources.objects.image_size=32",
+]
+
+
+def fast(*more: str) -> list[str]:
+    return [*(o for o in FAST if not o.startswith("data.")), *SMALL, *more]
+
+
+def config(out: Path, *more: str) -> DictConfig:
+    return compose_config("train", fast(*more), out)
+
+
+def epoch_items(sampler: MultiSourceSampler, world_size: int) -> list[list[tuple[int, int]]]:
+    """Every rank's batches of the sampler's epoch (ranks built like the given one)."""
+    ranks = []
+    for rank in range(world_size):
+        other = MultiSourceSampler(
+            sampler.sizes,
+            sampler.batch_size,
+            strategy=sampler.strategy,
+            mixing=sampler.mixing,
+            tau=sampler.tau,
+            steps_per_epoch=sampler.steps_per_epoch,
+            drop_last=sampler.drop_last,
+            seed=sampler.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        other.set_epoch(sampler.epoch)
+        ranks.append(list(other))
+    return ranks
+
+
+def test_proportional_mixed_sees_every_sample_once_per_epoch_across_ranks() -> None:
+    sizes = [10, 6]
+    sampler = MultiSourceSampler(sizes, batch_size=3, world_size=2, seed=5, drop_last=False)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        ranks = epoch_items(sampler, 2)
+        assert len(ranks[0]) == len(ranks[1]) == len(sampler) == 3  # 16 samples, 6 per step
+        seen = collections.Counter(item for rank in ranks for batch in rank for item in batch)
+        # 16 = 2 full global batches of 6 + a tail of 4 split 2/2: every sample exactly once
+        assert seen == collections.Counter(
+            {(s, i): 1 for s, n in enumerate(sizes) for i in range(n)}
+        )
+        assert [len(b) for b in ranks[0]] == [3, 3, 2]
+        assert any(len({s for s, _ in b}) == 2 for b in ranks[0])  # batches mix sources
+    # deterministic from the seed; a new epoch is a new order
+    again = MultiSourceSampler(sizes, batch_size=3, world_size=2, seed=5, drop_last=False)
+    assert list(again) == epoch_items(again, 2)[0]
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(MultiSourceSampler(sizes, 3, seed=6, world_size=2, drop_last=False)) != first
+
+
+def test_padding_and_drop_last_of_the_final_global_batch() -> None:
+    sampler = MultiSourceSampler([7], batch_size=2, world_size=2, drop_last=False)  # 7 = 4 + 3
+    ranks = epoch_items(sampler, 2)
+    seen = collections.Counter(item for rank in ranks for batch in rank for item in batch)
+    assert sum(seen.values()) == 8 and set(seen) == {(0, i) for i in range(7)}  # 1 padded
+    assert max(seen.values()) == 2
+    dropped = MultiSourceSampler([7], batch_size=2, world_size=2, drop_last=True)
+    ranks = epoch_items(dropped, 2)
+    seen = collections.Counter(item for rank in ranks for batch in rank for item in batch)
+    assert sum(seen.values()) == 4 and max(seen.values()) == 1 and len(dropped) == 1
+
+
+def test_round_robin_homogeneous_alternates_sources_and_cycles_the_small_one() -> None:
+    sampler = MultiSourceSampler(
+        [12, 4], batch_size=4, strategy="round_robin", mixing="homogeneous", seed=1
+    )
+    batches = list(sampler)
+    sources = [{s for s, _ in b} for b in batches]
+    assert all(len(s) == 1 for s in sources)  # one source per batch
+    assert [s.pop() for s in sources] == [0, 1, 0, 1, 0, 1]
+    seen = collections.Counter(item for b in batches for item in b)
+    assert all(seen[(0, i)] == 1 for i in range(12))  # the largest source: once
+    assert all(seen[(1, i)] == 3 for i in range(4))  # the small one: three full passes
+    assert source_counts([12, 4], "round_robin") == [12, 12]
+
+
+def test_temperature_shares_and_streams_that_continue_across_epochs() -> None:
+    assert source_counts([90, 10], "temperature", tau=1.0) == [90, 10]
+    assert source_counts([90, 10], "temperature", tau=2.0) == [75, 25]  # √90 : √10 = 3 : 1
+    assert source_counts([90, 10], "temperature", tau=1e6) == [50, 50]
+    sampler = MultiSourceSampler([90, 10], batch_size=10, strategy="temperature", tau=2.0)
+    small = []
+    for epoch in range(2):  # 2 × 25 = 50 draws of the small source: exactly 5 passes
+        sampler.set_epoch(epoch)
+        drawn = collections.Counter(i for b in sampler for s, i in b if s == 1)
+        assert sum(drawn.values()) == 25 and set(drawn.values()) <= {2, 3}  # 2.5 passes
+        small.append(drawn)
+    assert small[0] + small[1] == collections.Counter({i: 5 for i in range(10)})
+    big = [i for b in sampler for s, i in b if s == 0]  # epoch 1: items 75..149 of its stream
+    assert len(big) == 75 and len(set(big)) < 75  # the second pass began within this epoch
+
+
+def test_steps_per_epoch_skip_and_bad_settings() -> None:
+    sampler = MultiSourceSampler([30, 10], batch_size=4, steps_per_epoch=5, world_size=2)
+    assert len(sampler) == 5 and all(len(b) == 4 for b in sampler)
+    full = list(sampler)
+    sampler.skip(3)
+    assert list(sampler) == full[3:]  # resume: the rest of the same epoch
+    assert list(sampler) == full[3:]  # every iterator of that epoch skips them
+    assert len(sampler) == 5  # the length stays the epoch's (Lightning counts from 3)
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == 5  # the next epoch is whole
+    with pytest.raises(ConfigError, match=r"strategy='size'.*proportional, round_robin"):
+        MultiSourceSampler([3], 1, strategy="size")
+    with pytest.raises(ConfigError, match="tau must be positive"):
+        MultiSourceSampler([3], 1, strategy="temperature", tau=0)
+    with pytest.raises(ConfigError, match="mixing='both'"):
+        MultiSourceSampler([3], 1, mixing="both")
+
+
+def test_collate_masks_missing_labels_and_refuses_mixed_sizes() -> None:
+    a = ShapesSource("train", {"train": 4}, targets=["segmentation"], seed=1, image_size=16)
+    b = ShapesSource("train", {"train": 4}, targets=["count"], seed=2, image_size=16)
+    samples = [{**a[0], "source": 0}, {**b[0], "source": 1}, {**a[1], "source": 0}]
+    batch = collate_merged(samples, ["a", "b"])
+    assert batch["mask"]["segmentation"].tolist() == [True, False, True]
+    assert batch["mask"]["count"].tolist() == [False, True, False]
+    assert batch["targets"]["segmentation"].shape == (3, 16, 16)
+    assert float(batch["targets"]["count"][0]) == 0.0  # placeholder under a False mask
+    assert batch["source"].tolist() == [0, 1, 0]
+    only_a = collate_merged([{**a[0], "source": 0}])
+    assert set(only_a["targets"]) == {"segmentation"}  # no sample labels count: key absent
+    big = ShapesSource("train", {"train": 1}, targets=["count"], seed=2, image_size=24)
+    with pytest.raises(DataError, match=r"different sizes.*'a'.*'b'.*homogeneous"):
+        collate_merged([{**a[0], "source": 0}, {**big[0], "source": 1}], ["a", "b"])
+
+
+def test_data_module_merges_labels_and_refuses_conflicts() -> None:
+    def source(targets, seed, **kw):
+        def make(split):
+            return ShapesSource(split, {"train": 8, "val": 4, "test": 4}, targets, seed, 16, **kw)
+
+        return make
+
+    dm = MergedDataModule(
+        {"a": source(["segmentation", "depth"], 1), "b": {"dataset": source(["count"], 2)}},
+        batch_size=4,
+    )
+    dm.setup("fit")
+    assert dm.target_names == ("segmentation", "depth", "count")
+    assert dm.num_classes == {"segmentation": 4}
+    assert dm.eval_sources == {"a": ["segmentation", "depth"], "b": ["count"]}
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4  # 16 samples, batch 4 (one process)
+    for batch in batches:  # a label's mask is exactly "the sample's source labels it"
+        assert batch["mask"]["count"].tolist() == (batch["source"] == 1).tolist()
+    val = dm.val_dataloader()
+    assert [len(v) for v in val] == [1, 1]
+    assert next(iter(val[1]))["source"].tolist() == [1] * 4
+    assert [set(b["targets"]) for b in dm.example_batch()] == [{"segmentation", "depth"}, {"count"}]
+
+    clash = MergedDataModule(
+        {"a": source(["segmentation"], 1), "b": {"dataset": source(["dominant_color"], 2)}},
+        batch_size=4,
+    )
+    clash.renames["b"] = {"dominant_color": "segmentation"}  # 6 colours vs 4 shape classes
+    with pytest.raises(DataError, match=r"'segmentation' has num_classes=4 in source 'a'.*6"):
+        _ = clash.num_classes
+    with pytest.raises(ConfigError, match=r"data\.sources\.bad-name"):
+        MergedDataModule({"bad-name": source(["count"], 1)})
+    with pytest.raises(ConfigError, match=r"data\.sampling has unknown keys"):
+        MergedDataModule({"a": source(["count"], 1)}, sampling={"temperature": 2})
+
+
+class SampleRecorder(L.Callback):
+    """Writes each training step's (epoch, step, [(source, index)]) per rank to a JSON file."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.rows = path, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        pairs = list(zip(batch["source"].tolist(), batch["index"].tolist(), strict=True))
+        self.rows.append([trainer.current_epoch, trainer.global_step, pairs])
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        Path(f"{self.path}.{trainer.global_rank}").write_text(json.dumps(self.rows))
+
+
+def test_heterogeneous_experiment_trains_with_metrics_per_source_and_task(tmp_path: Path) -> None:
+    record = tmp_path / "seen"
+    cfg = config(
+        tmp_path,
+        "trainer.max_epochs=2",
+        f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
+    )
+    metrics, objects = train(cfg)
+    for name in ("val", "test"):
+        for key in ("segmentation/miou", "depth/rmse", "count/mae", "colors/map"):
+            assert f"{name}/{key}" in metrics
+        assert f"{name}/scenes/segmentation/miou" in metrics
+        assert f"{name}/objects/count/mae" in metrics
+        assert f"{name}/scenes/count/mae" not in metrics  # scenes does not label count
+        assert metrics[f"{name}/scenes/depth/rmse"] == pytest.approx(metrics[f"{name}/depth/rmse"])
+    rows = json.loads(Path(f"{record}.0").read_text())
+    assert len(rows) == 14  # 56 samples, batch 8, 2 epochs
+    for epoch in (0, 1):  # proportional: each sample once per epoch
+        seen = [tuple(p) for e, _, pairs in rows if e == epoch for p in pairs]
+        assert sorted(seen) == sorted([(0, i) for i in range(40)] + [(1, i) for i in range(16)])
+    assert objects["trainer"].global_step == 14
+
+
+def test_resume_mid_epoch_continues_the_same_sampling_sequence(tmp_path: Path) -> None:
+    def run(out: Path, *more: str) -> list:
+        record = out / "seen"
+        cfg = config(
+            out,
+            "trainer.max_epochs=2",
+            "trainer.limit_val_batches=1",
+            "test=false",
+            "data.sampling.mixing=homogeneous",
+            f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
+            *more,
+        )
+        train(cfg)
+        return json.loads(Path(f"{record}.0").read_text())
+
+    whole = run(tmp_path / "whole")
+    first = run(
+        tmp_path / "first",
+        "+trainer.max_steps=10",  # stops mid-epoch 1 (7 steps per epoch)
+        "+callbacks.model_checkpoint.every_n_train_steps=10",
+    )
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    rest = run(tmp_path / "rest", f"ckpt_path={last}")
+    assert [r[2] for r in first] == [r[2] for r in whole[:10]]
+    assert [r[2] for r in rest] == [r[2] for r in whole[10:]]  # no batch repeated or skipped
+
+
+def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
+    record = tmp_path / "seen"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    overrides = [o for o in fast() if not o.startswith("trainer.accelerator")]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_mtl.train",
+        "trainer=ddp_sim",
+        *overrides,
+        "trainer.max_epochs=2",
+        "data.sources.scenes.sizes={train:44,val:8,test:8}",  # 60 = 3 global batches of 16 + 12
+        "data.sampling.drop_last=false",  # the 12 are kept: each sample exactly once
+        "test=false",
+        f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [json.loads(Path(f"{record}.{r}").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8  # 4 steps per epoch on each rank
+    everything = sorted([(0, i) for i in range(44)] + [(1, i) for i in range(16)])
+    for epoch in (0, 1):
+        seen = [tuple(p) for rows in ranks for e, _, pairs in rows if e == epoch for p in pairs]
+        assert sorted(seen) == everything  # once per epoch, across both ranks
+    order = [[r[2] for r in rows] for rows in ranks]
+    assert order[0] != order[1]

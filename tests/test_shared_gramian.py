@@ -1,0 +1,152 @@
+"""The params-level Gram matrix from torchjd's autogram engine: equal to J Jᵀ of the explicit
+Jacobian, kept in step with freezing, harmless to batch-norm statistics, and robust to steps the
+engine cannot serve."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mtl.weighting import StepContext, build_weighting
+
+TASKS = ["a", "b", "c"]
+
+
+def backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 6, 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+    )
+
+
+def run_step(method, net, images, drop=(), scale=None, hook=True):
+    """One params-level step on a conv-BN backbone; returns (G, backbone gradient, losses)."""
+    if hook:
+        method.prepare(net)
+    net.zero_grad()
+    z = net(images)
+    rep = z.detach().requires_grad_()
+    pooled = rep.mean((2, 3))
+    losses = {
+        t: ((pooled[:, i] - i) ** 2).mean() + (i + 1) * rep[:, i + 3].square().mean()
+        for i, t in enumerate(TASKS)
+        if t not in drop
+    }
+    context = StepContext(
+        features=[z],
+        representation=[rep],
+        shared_parameters=list(net.parameters()),
+        grad_scale=scale,
+    )
+    combined = method(losses, context)
+    combined.loss.backward()
+    grads = torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+            for p in net.parameters()
+        ]
+    )
+    return method.last_gram, grads, losses
+
+
+def explicit_gram(net, images, drop=()):
+    """J Jᵀ over the trainable parameters, from one ordinary backward pass per task."""
+    z = net(images)
+    pooled = z.mean((2, 3))
+    params = [p for p in net.parameters() if p.requires_grad]
+    gram = torch.zeros(len(TASKS), len(TASKS))
+    rows = {}
+    for i, t in enumerate(TASKS):
+        if t in drop:
+            continue
+        loss = ((pooled[:, i] - i) ** 2).mean() + (i + 1) * z[:, i + 3].square().mean()
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        rows[i] = torch.cat([g.flatten() for g in grads])
+    for i, a in rows.items():
+        for j, b in rows.items():
+            gram[i, j] = a @ b
+    return gram
+
+
+def test_engine_gram_equals_explicit_gram_and_batch_norm_statistics_are_untouched() -> None:
+    net, reference = backbone(), backbone()
+    images = torch.randn(4, 3, 8, 8)
+    method = build_weighting("upgrad", TASKS, level="params")
+    gram, grads, _ = run_step(method, net, images)
+    assert method._gramian.used  # the engine, not the k×D Jacobian, produced G
+    assert all(not m._forward_hooks for m in net.modules())  # unhooked once G is formed
+    expected = explicit_gram(reference, images)
+    torch.testing.assert_close(gram, expected, rtol=1e-4, atol=1e-7)
+    # one training forward each: the engine's backward pass did not touch the running stats
+    for a, b in zip(net.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+
+    # the same step without the engine (the explicit Jacobian) gives the same gradient
+    plain = build_weighting("upgrad", TASKS, level="params")
+    other = backbone()
+    gram_plain, grads_plain, _ = run_step(plain, other, images, hook=False)  # a plain loop
+    assert not plain._gramian.used
+    torch.testing.assert_close(gram, gram_plain, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads, grads_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_engine_follows_freezing_absent_tasks_and_scaled_fp16_style_steps() -> None:
+    net = backbone()
+    images = torch.randn(4, 3, 8, 8)
+    method = build_weighting("mgda", TASKS, level="params")
+    run_step(method, net, images)
+
+    for p in net[0].parameters():  # freeze the first conv: G is over the rest only
+        p.requires_grad_(False)
+    gram, _, _ = run_step(method, net, images, drop=("b",))
+    assert method._gramian.used
+    reference = copy.deepcopy(net)
+    torch.testing.assert_close(
+        gram, explicit_gram(reference, images, drop=("b",)), rtol=1e-4, atol=1e-7
+    )
+    assert float(gram[1].abs().sum()) == 0.0
+
+    # a step where no task is labelled, then a scaled step: both fine
+    run_step(method, net, images, drop=tuple(TASKS))
+    gram, _, _ = run_step(method, net, images, scale=1024.0)
+    reference = copy.deepcopy(net)
+    torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
+
+
+def test_stray_forward_falls_back_to_the_jacobian_with_one_warning_and_unhook_removes_hooks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net = backbone()
+    images = torch.randn(4, 3, 8, 8)
+    method = build_weighting("upgrad", TASKS, level="params")
+    reference = copy.deepcopy(net)
+    method.prepare(net)
+    net(images).sum()  # a hooked forward that the step does not differentiate
+    with caplog.at_level(logging.WARNING):
+        gram, _, _ = run_step(method, net, images, hook=False)
+    assert "forming the Jacobian" in caplog.text and not method._gramian.used
+    torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
+    assert all(not m._forward_hooks for m in net.modules())
+    copy.deepcopy(net)  # between steps the backbone is a plain module
+    run_step(method, net, images)  # the next step uses the engine again
+    assert method._gramian.used and caplog.text.count("forming the Jacobian") == 1
+
+    method.prepare(net)
+    method.prepare(None)
+    assert not method._gramian.active
+    assert all(not m._forward_hooks for m in net.modules())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: the Jacobian path
+        method.prepare(net)
+    assert not method._gramian.active
+    # DDP (world_size > 1) never hooks: the Jacobian is all-reduced there
+    method.prepare(net, world_size=2)
+    assert all(not m._forward_hooks for m in net.modules())
