@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from lightning_mtl.data import MergedDataModule, MultiSourceSampler, ShapesSource, collate_merged
 from lightning_mtl.data.sampling import source_counts
 from lightning_mtl.errors import ConfigError, DataError
+from lightning_mtl.metrics import R2Score
 from lightning_mtl.train import train
+from lightning_mtl.weighting import WEIGHTINGS
 from tests.conftest import FAST, compose_config
 
 SMALL = [
@@ -28,6 +33,11 @@ SMALL = [
     "data.sources.scenes.image_size=32",
     "data.sources.objects.image_size=32",
 ]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
 
 
 def fast(*more: str) -> list[str]:
@@ -198,6 +208,24 @@ def test_data_module_merges_labels_and_refuses_conflicts() -> None:
         MergedDataModule({"a": source(["count"], 1)}, sampling={"temperature": 2})
 
 
+class StopAtStep(L.Callback):
+    """Interrupts training after ``step`` optimizer steps, as a crash or a time limit would
+    (unlike ``max_steps``, which would also change the LR schedule's length)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+STOP_AT_10 = [
+    "+callbacks.stop={_target_: tests.test_merged_data.StopAtStep, step: 10}",
+    "+callbacks.model_checkpoint.every_n_train_steps=10",
+]
+
+
 class SampleRecorder(L.Callback):
     """Writes each training step's (epoch, step, [(source, index)]) per rank to a JSON file."""
 
@@ -251,11 +279,7 @@ def test_resume_mid_epoch_continues_the_same_sampling_sequence(tmp_path: Path) -
         return json.loads(Path(f"{record}.0").read_text())
 
     whole = run(tmp_path / "whole")
-    first = run(
-        tmp_path / "first",
-        "+trainer.max_steps=10",  # stops mid-epoch 1 (7 steps per epoch)
-        "+callbacks.model_checkpoint.every_n_train_steps=10",
-    )
+    first = run(tmp_path / "first", *STOP_AT_10)  # stops mid-epoch 1 (7 steps per epoch)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     rest = run(tmp_path / "rest", f"ckpt_path={last}")
@@ -290,3 +314,117 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
         assert sorted(seen) == everything  # once per epoch, across both ranks
     order = [[r[2] for r in rows] for rows in ranks]
     assert order[0] != order[1]
+
+
+def test_homogeneous_batches_put_one_source_on_every_rank_at_each_step() -> None:
+    sampler = MultiSourceSampler(
+        [24, 8], batch_size=2, strategy="round_robin", mixing="homogeneous", world_size=2
+    )
+    ranks = epoch_items(sampler, 2)
+    for step in zip(*ranks, strict=True):
+        assert len({s for batch in step for s, _ in batch}) == 1  # the same source on both
+    seen = collections.Counter(item for rank in ranks for batch in rank for item in batch)
+    assert all(seen[(0, i)] == 1 for i in range(24)) and all(seen[(1, i)] == 3 for i in range(8))
+
+
+ONE_OF_EACH = {"equal", "dwa", "famo", "uncertainty", "upgrad", "nash_mtl", "graddrop", "gradnorm"}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        m if m in ONE_OF_EACH else pytest.param(m, marks=pytest.mark.slow)
+        for m in sorted(WEIGHTINGS.names())
+    ],
+)
+def test_every_method_steps_on_batches_of_one_source_and_leaves_absent_tasks_out(
+    method: str, tmp_path: Path
+) -> None:
+    """Homogeneous merged batches: each step labels only one source's tasks. Every method gives
+    finite losses and gradients, weights only the tasks present, and leaves the others' heads
+    with a zero gradient."""
+    cfg = config(
+        tmp_path, f"weighting={method}", *(["weighting.warmup_steps=1"] if method == "stch" else [])
+    )
+    module = hydra.utils.instantiate(cfg.model)
+    data = hydra.utils.instantiate(cfg.data)
+    data.setup("fit")
+    groups = {0: ["segmentation", "depth"], 1: ["count", "dominant_color", "colors"]}
+    captured = []
+    original = module.weighting.forward
+
+    def capture(losses, context=None):
+        captured.append(original(losses, context))
+        return captured[-1]
+
+    module.weighting.forward = capture
+    for step, source in enumerate([0, 1, 0, 1]):
+        batch = collate_merged(data.splits["train"][[(source, i) for i in range(4)]])
+        module.zero_grad()
+        loss = module.training_step(batch, step)
+        loss.backward()
+        assert torch.isfinite(loss), (method, step)
+        shown = captured[-1].weights
+        assert set(shown) == set(groups[source]), (method, shown)
+        assert all(torch.isfinite(w) for w in shown.values()), (method, shown)
+        for name, p in module.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), (method, name)
+        for task in groups[1 - source]:
+            head = module.net.heads[task]
+            assert all(float(p.grad.abs().sum()) == 0.0 for p in head.parameters()), task
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["famo", *(pytest.param(m, marks=pytest.mark.slow) for m in ("dwa", "nash_mtl", "gradvac"))],
+)
+def test_a_resumed_run_continues_with_exactly_the_weights_of_an_uninterrupted_one(
+    method: str, tmp_path: Path
+) -> None:
+    """Balancer state, model, optimizer and the sampling position all come back: from a
+    mid-epoch checkpoint, every later step logs the same task weights as a run that never
+    stopped."""
+
+    def weights(out: Path, *more: str) -> dict[int, dict[str, str]]:
+        cfg = config(
+            out,
+            f"weighting={method}",
+            "trainer.max_epochs=3",  # DWA's weights move from the third epoch
+            "trainer.limit_val_batches=1",
+            "test=false",
+            *more,
+        )
+        train(cfg)
+        rows = read_rows(out / "csv" / "metrics.csv")
+        return {
+            int(r["step"]): {k: v for k, v in r.items() if k.startswith("train/weight/") and v}
+            for r in rows
+            if r.get("train/loss")
+        }
+
+    whole = weights(tmp_path / "whole")
+    weights(tmp_path / "first", *STOP_AT_10)
+    rest = weights(tmp_path / "rest", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}")
+    assert sorted(rest) == list(range(10, 21))
+    assert rest == {step: whole[step] for step in rest}
+    assert len({tuple(w.values()) for w in rest.values()}) > 1  # the weights do move
+
+
+def test_debug_switches_work_on_merged_data(tmp_path: Path) -> None:
+    """debug=overfit makes Lightning replace the training sampler with a sequential one (the
+    data module then hands it a fixed list of batches to read in order); debug=fdr runs one
+    batch of each stage."""
+    metrics, objects = train(
+        config(tmp_path, "debug=overfit", "trainer.max_epochs=2", "test=false")
+    )
+    assert objects["trainer"].global_step == 6  # 3 batches, 2 epochs
+    assert metrics["train/loss"] == metrics["train/loss"]
+    # one batch of 8 mixed samples: a task may have a single labelled sample, and R² over one
+    # sample is NaN instead of an error that would end the run
+    metrics, _ = train(config(tmp_path / "fdr", "debug=fdr"))
+    assert "test/objects/count/mae" in metrics
+    r2 = R2Score()
+    r2.update(torch.tensor([1.0]), torch.tensor([2.0]))
+    assert torch.isnan(r2.compute())
+    r2.update(torch.tensor([3.0]), torch.tensor([2.5]))
+    assert float(r2.compute()) == pytest.approx(1 - (1 + 0.25) / 0.125, rel=1e-5)

@@ -22,6 +22,16 @@ from lightning_mtl.models.heads import Head
 from lightning_mtl.registry import unknown_name_message
 
 
+class R2Score(R.R2Score):
+    """torchmetrics' R² that gives NaN instead of raising over fewer than two samples: with
+    merged data, a task can have a single labelled sample in a short epoch."""
+
+    def compute(self) -> torch.Tensor:
+        if int(self.total) < 2:
+            return torch.tensor(float("nan"), device=self.total.device)
+        return super().compute()
+
+
 class ThresholdAccuracy(Metric):
     """Share of valid pixels with ``max(ŷ/y, y/ŷ) < threshold`` (δ₁ for 1.25)."""
 
@@ -114,7 +124,7 @@ def _by_kind() -> dict[str, dict[str, Callable[[Head], Metric]]]:
             "mae": lambda h, **kw: R.MeanAbsoluteError(**kw),
             "mse": lambda h, **kw: R.MeanSquaredError(**kw),
             "rmse": lambda h, **kw: R.MeanSquaredError(squared=False, **kw),
-            "r2": lambda h, **kw: R.R2Score(**kw),
+            "r2": lambda h, **kw: R2Score(**kw),
         },
         "segmentation": {
             "miou": lambda h, **kw: C.MulticlassJaccardIndex(n(h), average="macro", **_fast(kw)),

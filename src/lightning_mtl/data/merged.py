@@ -344,6 +344,17 @@ class MergedDataModule(L.LightningDataModule):
             sampler.skip(self._resume["batches"])
             self._resume = None
         self._sampler = sampler
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.overfit_batches:
+            # Lightning swaps the sampler for a sequential one when overfitting: hand it a fixed
+            # list of this rank's batches (the first epoch's) to read in order
+            batches = [sampler.rank_slice(b) for b in sampler.global_batches(0)]
+            return DataLoader(
+                _Batches(self._split("train"), batches),
+                batch_size=None,
+                collate_fn=self._collate,
+                num_workers=self.num_workers,
+            )
         counts = sampler.describe(self.names)
         log.info("samples per epoch by source: %s; %d steps", counts, len(sampler))
         return ResumableLoader(
