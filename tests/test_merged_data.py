@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -428,3 +429,45 @@ def test_debug_switches_work_on_merged_data(tmp_path: Path) -> None:
     assert torch.isnan(r2.compute())
     r2.update(torch.tensor([3.0]), torch.tensor([2.5]))
     assert float(r2.compute()) == pytest.approx(1 - (1 + 0.25) / 0.125, rel=1e-5)
+
+
+def test_exact_steps_per_epoch_and_sources_that_would_never_train_are_refused() -> None:
+    for sizes, batch, steps in (([10, 10], 4, 3), ([1000, 1000, 1000], 8, 4)):
+        sampler = MultiSourceSampler(sizes, batch, mixing="homogeneous", steps_per_epoch=steps)
+        assert len(sampler) == steps == len(list(sampler))
+    with pytest.raises(ConfigError, match=r"data\.sources\.tiny gives 3 samples.*never be trained"):
+        MultiSourceSampler([100, 3], 4, mixing="homogeneous", names=["big", "tiny"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.rare gives 0 samples"):
+        MultiSourceSampler([10000, 10], 8, steps_per_epoch=10, names=["common", "rare"])
+    with pytest.raises(ConfigError, match="steps_per_epoch must be positive"):
+        MultiSourceSampler([10], 2, steps_per_epoch=0)
+    # a source smaller than the padding a 4-rank final batch needs: padded by cycling
+    sampler = MultiSourceSampler([1, 16], 4, mixing="homogeneous", drop_last=False, world_size=4)
+    ranks = epoch_items(sampler, 4)
+    assert all(len(batch) >= 1 for rank in ranks for batch in rank)
+    assert {item for rank in ranks for b in rank for item in b} >= {(0, 0)}
+
+
+def test_evaluation_batches_are_read_once_across_ranks_and_resume_adapts_to_a_new_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def make(split):
+        return ShapesSource(split, {"train": 16, "val": 5, "test": 3}, ["count"], 1, 16)
+
+    dm = MergedDataModule({"a": make, "b": make}, batch_size=4)
+    dm.setup("fit")
+    for split, n in (("val", 5), ("test", 3)):
+        seen = collections.Counter()
+        for rank in range(2):
+            dm._rank = lambda rank=rank: (rank, 2)
+            for loader in dm._eval_loaders(split):
+                assert len(loader) >= 1  # Lightning refuses a rank without a batch
+                for batch in loader:
+                    seen.update(zip(batch["source"].tolist(), batch["index"].tolist(), strict=True))
+        assert seen == collections.Counter({(s, i): 1 for s in (0, 1) for i in range(n)})
+    dm._rank = lambda: (0, 1)
+    dm.load_state_dict({"epoch": 0, "batches": 2, "global_batch": 8})
+    with caplog.at_level(logging.WARNING):
+        loader = dm.train_dataloader()
+    assert loader.sampler._resume == (0, 4)  # 16 samples seen = 4 steps of 4
+    assert "instead of the checkpoint's 8" in caplog.text

@@ -69,8 +69,13 @@ def explicit_gram(net, images, drop=()):
         if t in drop:
             continue
         loss = ((pooled[:, i] - i) ** 2).mean() + (i + 1) * z[:, i + 3].square().mean()
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
-        rows[i] = torch.cat([g.flatten() for g in grads])
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows[i] = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).flatten()
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
     for i, a in rows.items():
         for j, b in rows.items():
             gram[i, j] = a @ b
@@ -133,13 +138,15 @@ def test_stray_forward_falls_back_to_the_jacobian_with_one_warning_and_unhook_re
     net(images).sum()  # a hooked forward that the step does not differentiate
     with caplog.at_level(logging.WARNING):
         gram, _, _ = run_step(method, net, images, hook=False)
-    assert "forming the Jacobian" in caplog.text and not method._gramian.used
+    assert "cannot serve this backbone" in caplog.text and not method._gramian.used
     torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
     assert all(not m._forward_hooks for m in net.modules())
     copy.deepcopy(net)  # between steps the backbone is a plain module
-    run_step(method, net, images)  # the next step uses the engine again
-    assert method._gramian.used and caplog.text.count("forming the Jacobian") == 1
+    gram, _, _ = run_step(method, net, images)  # the engine stays off for the rest of the run
+    assert method._gramian.disabled and not method._gramian.used
+    assert caplog.text.count("cannot serve this backbone") == 1
 
+    method = build_weighting("upgrad", TASKS, level="params")
     method.prepare(net)
     method.prepare(None)
     assert not method._gramian.active
@@ -150,3 +157,31 @@ def test_stray_forward_falls_back_to_the_jacobian_with_one_warning_and_unhook_re
     # DDP (world_size > 1) never hooks: the Jacobian is all-reduced there
     method.prepare(net, world_size=2)
     assert all(not m._forward_hooks for m in net.modules())
+
+
+class ForeignWeight(nn.Module):
+    """Uses a child's weight outside that child's forward: the engine's module hooks miss it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Conv2d(3, 6, 3, padding=1)
+        self.second = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.tanh(self.first(x)), self.second.weight)
+
+
+def test_a_backbone_the_engine_cannot_see_whole_is_caught_by_the_first_step_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net, reference = ForeignWeight(), ForeignWeight()
+    images = torch.randn(4, 3, 8, 8)
+    method = build_weighting("upgrad", TASKS, level="params")
+    with caplog.at_level(logging.WARNING):
+        gram, _, _ = run_step(method, net, images)
+    assert method._gramian.disabled and "disagrees with explicit gradients" in caplog.text
+    torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
+    good = build_weighting("upgrad", TASKS, level="params")
+    run_step(good, backbone(), images)
+    assert good._gramian.verified and good._gramian.used  # a plain CNN passes the check

@@ -151,6 +151,7 @@ class MultiTaskModule(L.LightningModule):
         self._updated: set[str] = set()  # metric collections updated since their last reset
         #: evaluation sources in loader order (set up by add_source_metrics); [] for one source
         self.source_names: list[str] = []
+        self._source_keys: list[str] = []
         #: (task names, cosine matrix, step) of the last gradient-conflict measurement
         self.conflict: tuple[list[str], torch.Tensor, int] | None = None
         #: fp16: (GradScaler scale, balancer state) at the start of the optimizer step's window
@@ -370,7 +371,10 @@ class MultiTaskModule(L.LightningModule):
                 self.loss_means[key].reset()
             self._updated.discard(key)
         for name, total in totals.items():
-            self.log(f"{stage}/{name}loss", total, sync_dist=True, prog_bar=not name)
+            # a source's sum is ``total_loss``: ``<source>/loss`` would collide with the loss of
+            # a task of the same name (Office-31: the domains are both sources and tasks)
+            key = f"{stage}/{name}total_loss" if name else f"{stage}/loss"
+            self.log(key, total, sync_dist=True, prog_bar=not name)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.train_metrics:
@@ -441,13 +445,22 @@ class MultiTaskModule(L.LightningModule):
         """Per-source metrics, for data modules with one evaluation loader per source.
 
         ``eval_sources`` maps each source name, in loader order, to the target keys it labels;
-        each of its tasks gets ``<stage>/<source>/<task>/<metric>`` (and ``.../loss``) beside the
-        task's overall ``<stage>/<task>/<metric>``. Called from :meth:`setup`, before Lightning
+        each of its tasks gets ``<stage>/<source>/<task>/<metric>`` (and ``.../loss``; the
+        source's sum is ``<stage>/<source>/total_loss``) beside the task's overall
+        ``<stage>/<task>/<metric>``. Called from :meth:`setup`, before Lightning
         moves the module to its device. With fewer than two sources nothing is added.
         """
-        if len(eval_sources) < 2 or self.source_names:
+        if list(eval_sources) == self.source_names or (
+            len(eval_sources) < 2 and not self.source_names
+        ):
             return
-        self.source_names = list(eval_sources)
+        for key in self._source_keys:  # another data module than before: start over
+            del self.metrics[key]
+            del self.loss_means[key]
+        self._source_keys = []
+        self.source_names = list(eval_sources) if len(eval_sources) >= 2 else []
+        if not self.source_names:
+            return
         for stage in ("val", "test"):
             for source, targets in eval_sources.items():
                 for task in self.tasks:
@@ -458,6 +471,7 @@ class MultiTaskModule(L.LightningModule):
                     metrics = build_metrics(task.name, task.head, task.metrics)
                     self.metrics[key] = metrics.clone(prefix=prefix).to(self.device)
                     self.loss_means[key] = MeanMetric().to(self.device)
+                    self._source_keys.append(key)
 
     def configure_optimizers(self) -> Any:
         """One optimizer: backbone, heads and balancer parameters in three groups.

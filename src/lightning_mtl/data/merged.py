@@ -12,13 +12,14 @@ evaluation runs one loader per source so metrics come per source and per task.
 from __future__ import annotations
 
 import logging
+import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_mtl.data.sampling import MultiSourceSampler
 from lightning_mtl.errors import ConfigError, DataError
@@ -157,7 +158,6 @@ class MergedDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
-        eval_splits: Sequence[str] = ("val", "test"),
     ) -> None:
         super().__init__()
         if not sources:
@@ -188,6 +188,8 @@ class MergedDataModule(L.LightningDataModule):
                     "e.g. a config with `_partial_: true`"
                 )
         self.batch_size = int(batch_size)
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         self.sampling = dict(sampling or {})
         unknown = set(self.sampling) - {
             "strategy",
@@ -203,7 +205,7 @@ class MergedDataModule(L.LightningDataModule):
             )
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.seed, self.eval_splits = int(seed), tuple(eval_splits)
+        self.seed = int(seed)
         self.splits: dict[str, MergedDataset] = {}
         self._sampler: MultiSourceSampler | None = None
         self._resume: dict[str, int] | None = None
@@ -216,14 +218,35 @@ class MergedDataModule(L.LightningDataModule):
         steps of training prevents; the data module is always restored first.)"""
         if self._sampler is None:
             return {}
-        return {"epoch": self._sampler.epoch, "batches": self._position()}
+        size = self._sampler.batch_size * self._sampler.num_replicas
+        return {"epoch": self._sampler.epoch, "batches": self._position(), "global_batch": size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state:
-            self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+            self._resume = {k: int(v) for k, v in state.items()}
             if self._sampler is not None:  # the loader exists already
-                self._sampler.set_epoch(self._resume["epoch"])
-                self._sampler.skip(self._resume["batches"])
+                self._apply_resume(self._sampler)
+
+    def _apply_resume(self, sampler: MultiSourceSampler) -> None:
+        """Continue the checkpoint's epoch after the batches it trained on. With another global
+        batch size (batch_size × world_size) the epoch is cut differently: the samples already
+        seen are skipped as nearly as whole batches allow, with a warning."""
+        assert self._resume is not None
+        batches = self._resume["batches"]
+        saved = self._resume.get("global_batch")
+        size = sampler.batch_size * sampler.num_replicas
+        if saved is not None and saved != size:
+            batches = batches * saved // size
+            log.warning(
+                "resuming with %d samples per step (batch_size × world_size) instead of the "
+                "checkpoint's %d: the epoch continues after %d of its steps, so the samples seen "
+                "before the checkpoint are skipped only approximately",
+                size,
+                saved,
+                batches,
+            )
+        sampler.set_epoch(self._resume["epoch"])
+        sampler.skip(batches)
 
     @property
     def names(self) -> list[str]:
@@ -232,7 +255,7 @@ class MergedDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ datasets and labels
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-        for split in wanted.get(stage or "", ("train", *self.eval_splits)):
+        for split in wanted.get(stage or "", ("train", "val", "test")):
             self._split(split)
 
     def _split(self, split: str) -> MergedDataset:
@@ -240,7 +263,10 @@ class MergedDataModule(L.LightningDataModule):
             datasets = [self.factories[name](split=split) for name in self.names]
             for name, dataset in zip(self.names, datasets, strict=True):
                 if len(dataset) == 0:  # type: ignore[arg-type]
-                    raise DataError(f"data.sources.{name}: the {split} split has no sample")
+                    raise DataError(
+                        f"data.sources.{name}: the {split} split has no sample (every source "
+                        "needs train, val and test samples; check its root and split settings)"
+                    )
             renames = [self.renames[name] for name in self.names]
             self.splits[split] = MergedDataset(datasets, renames)
         return self.splits[split]
@@ -255,7 +281,7 @@ class MergedDataModule(L.LightningDataModule):
     @property
     def eval_sources(self) -> dict[str, list[str]]:
         """Each source (in evaluation-loader order) and the label keys it provides."""
-        dataset = self._split(self.eval_splits[0])
+        dataset = self._split("val")
         return {
             name: self._targets_of(d, name)
             for name, d in zip(self.names, dataset.datasets, strict=True)
@@ -296,8 +322,8 @@ class MergedDataModule(L.LightningDataModule):
         return self._merged_attribute("num_labels")
 
     def example_batch(self, size: int = 2) -> list[dict[str, Any]]:
-        """One small batch per source (from the first evaluation split), to check the tasks."""
-        dataset = self._split(self.eval_splits[0])
+        """One small batch per source (from the val split), to check the tasks."""
+        dataset = self._split("val")
         batches = []
         for source, n in enumerate(dataset.sizes()):
             keys = [(source, i) for i in range(min(size, n))]
@@ -331,6 +357,7 @@ class MergedDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
+            names=self.names,
             **self.sampling,
         )
 
@@ -340,8 +367,7 @@ class MergedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
         if self._resume is not None:  # restored from a checkpoint: continue where it stopped
-            sampler.set_epoch(self._resume["epoch"])
-            sampler.skip(self._resume["batches"])
+            self._apply_resume(sampler)
             self._resume = None
         self._sampler = sampler
         trainer = self._trainer_or_none()
@@ -369,20 +395,28 @@ class MergedDataModule(L.LightningDataModule):
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
-        """One loader per source, in order: metrics per source come from the loader index."""
+        """One loader per source, in order: metrics per source come from the loader index.
+
+        Each sample is evaluated once: batch j goes to rank ``j mod world_size``. Lightning
+        refuses a rank without a batch, so a source with fewer batches than ranks is cut into
+        world_size smaller ones (and one with fewer samples than ranks repeats some of them).
+        """
         dataset = self._split(split)
+        rank, world_size = self._rank()
         loaders = []
         for source, n in enumerate(dataset.sizes()):
             keys = [(source, i) for i in range(n)]
-            batches = [keys[j : j + self.batch_size] for j in range(0, n, self.batch_size)]
+            count = max(math.ceil(n / self.batch_size), world_size)
+            keys = [keys[i % n] for i in range(max(n, count))]
+            batches = [list(part) for part in _even_parts(keys, count)]
             loaders.append(
                 DataLoader(
                     _Batches(dataset, batches),
                     batch_size=None,
+                    sampler=_ShardedBatches(len(batches), rank, world_size),
                     collate_fn=self._collate,
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
-                    persistent_workers=self.persistent_workers,
                 )
             )
         return loaders
@@ -394,10 +428,32 @@ class MergedDataModule(L.LightningDataModule):
         return self._eval_loaders("test")
 
 
-class _Batches(Dataset[list[dict[str, Any]]]):
-    """A fixed list of batches of ``(source, index)``: item j is batch j's samples.
+def _even_parts(items: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """``items`` in ``parts`` consecutive runs whose lengths differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [j * size + min(j, extra) for j in range(parts + 1)]
+    return [items[bounds[j] : bounds[j + 1]] for j in range(parts)]
 
-    Under DDP, Lightning's DistributedSampler shards these batches over the ranks."""
+
+class _ShardedBatches(DistributedSampler):
+    """Batch j goes to rank ``j mod world_size``: every evaluation batch is read exactly once
+    (Lightning's DistributedSampler would pad with repeats, counting some samples twice). Ranks
+    may get one batch more than others; evaluation has no collective inside a step."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        # DistributedSampler.__init__ is not called: this one needs no dataset or process group
+        self.length, self.rank, self.num_replicas = length, rank, world_size
+        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+class _Batches(Dataset[list[dict[str, Any]]]):
+    """A fixed list of batches of ``(source, index)``: item j is batch j's samples."""
 
     def __init__(self, dataset: MergedDataset, batches: list[list[tuple[int, int]]]) -> None:
         self.dataset, self.batches = dataset, batches

@@ -43,10 +43,18 @@ STRATEGIES = ("proportional", "round_robin", "temperature")
 MIXING = ("mixed", "homogeneous")
 
 
-def source_counts(
-    sizes: Sequence[int], strategy: str, tau: float = 1.0, total: int | None = None
-) -> list[int]:
-    """Samples per epoch from each source (``total``: the epoch length in samples, if fixed)."""
+def largest_remainder(shares: np.ndarray, total: int) -> list[int]:
+    """``total`` split in whole parts as close to ``shares · total`` as possible."""
+    exact = shares * total
+    counts = np.floor(exact).astype(int)
+    # largest remainders get the leftover units, ties to the lower source index
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - int(counts.sum())]] += 1
+    return [int(c) for c in counts]
+
+
+def source_shares(sizes: Sequence[int], strategy: str, tau: float = 1.0) -> tuple[np.ndarray, int]:
+    """Each source's share of an epoch, and the epoch's default length in samples."""
     sizes_array = np.asarray(sizes, dtype=np.float64)
     if strategy == "proportional":
         shares = sizes_array / sizes_array.sum()
@@ -64,15 +72,17 @@ def source_counts(
         raise ConfigError(
             f"data.sampling.strategy={strategy!r} is unknown; accepted: {', '.join(STRATEGIES)}"
         )
-    wanted = default if total is None else int(total)
+    return shares, default
+
+
+def source_counts(
+    sizes: Sequence[int], strategy: str, tau: float = 1.0, total: int | None = None
+) -> list[int]:
+    """Samples per epoch from each source (``total``: the epoch length in samples, if fixed)."""
+    shares, default = source_shares(sizes, strategy, tau)
     if total is None and strategy == "proportional":
         return [int(n) for n in sizes]
-    exact = shares * wanted
-    counts = np.floor(exact).astype(int)
-    # largest remainders get the leftover samples, ties to the lower source index
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: wanted - int(counts.sum())]] += 1
-    return [int(c) for c in counts]
+    return largest_remainder(shares, default if total is None else int(total))
 
 
 def stream_slice(seed: int, source: int, size: int, start: int, count: int) -> np.ndarray:
@@ -108,12 +118,17 @@ class MultiSourceSampler(DistributedSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        names: Sequence[str] | None = None,
     ) -> None:
         # DistributedSampler.__init__ is not called: it would need a dataset and a process group
         if mixing not in MIXING:
             raise ConfigError(f"data.sampling.mixing={mixing!r}; accepted: {', '.join(MIXING)}")
         if batch_size <= 0 or any(n <= 0 for n in sizes):
             raise ConfigError(f"batch_size and every source size must be positive: {sizes}")
+        if steps_per_epoch is not None and int(steps_per_epoch) <= 0:
+            raise ConfigError(
+                f"data.sampling.steps_per_epoch must be positive, got {steps_per_epoch}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.sizes, self.batch_size = [int(n) for n in sizes], int(batch_size)
@@ -124,10 +139,37 @@ class MultiSourceSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained on)
         self.shuffle = True  # read by Lightning's checks on DistributedSampler
         self._cache: tuple[int, list[list[tuple[int, int]]]] | None = None
-        total = None
-        if steps_per_epoch is not None:
-            total = int(steps_per_epoch) * self.batch_size * self.num_replicas
-        self.counts = source_counts(self.sizes, strategy, self.tau, total)
+        self.names = list(names) if names is not None else [f"#{i}" for i in range(len(sizes))]
+        size = self.batch_size * self.num_replicas
+        if steps_per_epoch is not None and mixing == "homogeneous":
+            # whole global batches per source, so the epoch has exactly steps_per_epoch steps
+            shares, _ = source_shares(self.sizes, strategy, self.tau)
+            batches = largest_remainder(shares, int(steps_per_epoch))
+            self.counts = [b * size for b in batches]
+        else:
+            total = None if steps_per_epoch is None else int(steps_per_epoch) * size
+            self.counts = source_counts(self.sizes, strategy, self.tau, total)
+        self._check_every_source_trains(size)
+
+    def _check_every_source_trains(self, size: int) -> None:
+        """A source that would give no sample (or, in homogeneous mode with drop_last, no full
+        batch) per epoch is never trained on: refuse it, naming the source and the remedies."""
+        for name, count in zip(self.names, self.counts, strict=True):
+            whole = count if self.mixing == "mixed" or not self.drop_last else count // size
+            if whole == 0:
+                raise ConfigError(
+                    f"data.sources.{name} gives {count} samples per epoch under "
+                    f"strategy={self.strategy} ({self.mixing} batches of {self.batch_size} × "
+                    f"{self.num_replicas} ranks), so it would never be trained on: use "
+                    "strategy=round_robin or temperature, more steps_per_epoch, "
+                    "drop_last=false, mixing=mixed or a smaller batch_size"
+                )
+        if len(self.global_batches(0)) == 0:
+            raise ConfigError(
+                f"data.sampling gives no training step per epoch (sources {self.sizes}, batch "
+                f"{self.batch_size} × {self.num_replicas} ranks); set drop_last=false or a "
+                "smaller batch_size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -179,7 +221,8 @@ class MultiSourceSampler(DistributedSampler):
         if rest and not self.drop_last:
             tail = items[full * size :]
             padding = (-len(tail)) % self.num_replicas
-            batches.append(tail + items[:padding])
+            # cycle through the epoch's items: a source may hold fewer than the padding
+            batches.append(tail + [items[i % len(items)] for i in range(padding)])
         return batches
 
     def rank_slice(self, batch: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -15,6 +15,12 @@ hook: validation, callbacks and ``copy.deepcopy`` see a plain module. ``batch_di
 BatchNorm mixes the samples of a batch, which the engine's batched mode forbids. Under mixed
 precision (autocast) the engine is not used (see :meth:`SharedGramian.prepare`).
 
+The engine sees parameters through their modules' forward hooks, which not every backbone
+honours (timm's ViTs hold parameters in the top module but produce features through
+``forward_intermediates``; a weight may be used outside its module's forward). So any failure
+switches the engine off for the run, and on its first use its diagonal is checked against one
+ordinary backward pass per task (O(D) memory, once).
+
 Under DDP the global Gram matrix has cross-rank terms ``J_r J_sᵀ`` that local Gram matrices do
 not give, so there the k×D Jacobian is formed and all-reduced instead (see ``gradient.py``).
 """
@@ -36,10 +42,14 @@ class SharedGramian:
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
-        self._warned = False
         self._warned_autocast = False
         #: whether the last Gram matrix came from the engine (False: from the explicit Jacobian)
         self.used = False
+        #: set when the engine failed or disagreed once: the Jacobian is formed from then on
+        self.disabled = False
+        #: whether the engine's diagonal has been checked against explicit gradients
+        self.verified = False
+        self._parameters: list[torch.Tensor] = []
 
     @property
     def active(self) -> bool:
@@ -54,7 +64,7 @@ class SharedGramian:
         """
         self.close()
         trainable = [p for p in backbone.parameters() if p.requires_grad] if backbone else []
-        if not trainable:
+        if not trainable or self.disabled:
             return
         if torch.is_autocast_enabled(trainable[0].device.type):
             if not self._warned_autocast:
@@ -62,6 +72,7 @@ class SharedGramian:
                 self._warned_autocast = True
             return
         self._engine = Engine(backbone, batch_dim=None)
+        self._parameters = trainable
 
     def close(self) -> None:
         """Remove the engine's hooks from the backbone."""
@@ -97,12 +108,41 @@ class SharedGramian:
             if not outputs:
                 return rows.new_zeros(0, 0)
             gram = self._engine.compute_gramian(torch.stack(outputs))
-        except ValueError as error:  # e.g. a hooked module ran a forward outside the step
-            if not self._warned:
-                log.warning("autogram engine refused this step (%s); forming the Jacobian", error)
-                self._warned = True
+        except Exception as error:  # any failure: the Jacobian path is exact
+            # e.g. a module called twice or outside its forward, a ViT whose top module holds
+            # parameters but whose features come from forward_intermediates
+            self._disable(f"it failed ({type(error).__name__}: {error})")
             return None
         finally:
             self.close()
+        if not self.verified and not self._diagonal_agrees(gram, outputs):
+            self._disable("its Gram matrix disagrees with explicit gradients")
+            return None
         self.used = True
         return gram.float() / factor**2
+
+    def _diagonal_agrees(self, gram: torch.Tensor, outputs: list[torch.Tensor]) -> bool:
+        """First use only: each task's squared gradient norm from one ordinary backward pass
+        per task (O(D) memory) against the engine's diagonal. A backbone whose parameters the
+        engine's module hooks do not see (a weight used outside its module's forward) fails it.
+        """
+        explicit = []
+        for output in outputs:
+            grads = torch.autograd.grad(
+                output, self._parameters, retain_graph=True, allow_unused=True
+            )
+            explicit.append(sum(float(g.double().square().sum()) for g in grads if g is not None))
+        expected = torch.tensor(explicit, dtype=torch.float64)
+        got = gram.diagonal().double().cpu()
+        self.verified = bool(
+            torch.allclose(got, expected, rtol=1e-3, atol=1e-6 * float(expected.max()))
+        )
+        return self.verified
+
+    def _disable(self, why: str) -> None:
+        self.disabled = True
+        log.warning(
+            "torchjd's autogram engine cannot serve this backbone: %s. The params level forms "
+            "the k×D Jacobian from now on (exact, more memory).",
+            why,
+        )
