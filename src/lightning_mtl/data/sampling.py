@@ -13,7 +13,12 @@ strategy fixes how many samples ``c_s`` each source gives per epoch; epoch e tak
   proportional, large tau tends to uniform (small sources are cycled, large ones are not
   exhausted each epoch; over epochs a source's samples still come once per pass).
 * ``steps_per_epoch`` (with any strategy): the epoch's length is fixed to that many steps and the
-  counts keep the strategy's shares; streams continue across epochs.
+  counts keep the strategy's shares (in whole batches per source when batches are homogeneous);
+  streams continue across epochs.
+
+A source that would give no sample, or in homogeneous mode with ``drop_last`` no whole batch,
+per epoch is refused (:class:`~lightning_mtl.errors.ConfigError` naming it): it would never be
+trained on.
 
 The epoch's samples then form *global* batches of ``batch_size × world_size`` samples, and rank r
 takes the r-th slice of each, so every rank has the same number of steps and no sample goes to
@@ -22,8 +27,8 @@ mixes sources. ``mixing="homogeneous"``: each global batch comes from one source
 the same source at a step), in shuffled order (round-robin: in turn). The final incomplete global
 batch (of a source, when homogeneous) is dropped (``drop_last=True``, the default: a batch of one
 sample breaks BatchNorm, and which samples fall in the remainder changes every epoch) or kept
-and padded with the epoch's first samples to a multiple of world_size (``drop_last=False``: every
-sample exactly once per epoch, plus at most world_size − 1 repeats).
+and padded with the epoch's first samples (cycling) to a multiple of world_size
+(``drop_last=False``: every sample exactly once per epoch, plus at most world_size − 1 repeats).
 
 Everything is a pure function of ``(seed, epoch)`` and the source sizes: the order is the same on
 every rank and in every run, and a resumed run continues it (:meth:`skip` drops the batches a
