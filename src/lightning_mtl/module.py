@@ -27,7 +27,13 @@ from torchmetrics import MeanMetric
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.metrics import build_metrics
 from lightning_mtl.models.backbone import Backbone, Features
-from lightning_mtl.tasks import TaskSpec, build_tasks, check_tasks_against_batch, plain_container
+from lightning_mtl.tasks import (
+    TaskSpec,
+    build_tasks,
+    check_label_keys,
+    check_tasks_against_batch,
+    plain_container,
+)
 from lightning_mtl.weighting import StepContext, build_weighting, task_gradients
 
 log = logging.getLogger(__name__)
@@ -417,22 +423,16 @@ class MultiTaskModule(L.LightningModule):
         and every task's label must be in at least one of them.
         """
         batches = [batch] if isinstance(batch, Mapping) else list(batch)
+        check_label_keys(self.tasks, (key for one in batches for key in one["targets"]))
         was_training = self.training
         self.eval()
         try:
             for one in batches:
                 with torch.no_grad():
                     outputs = self.net(one["image"])
-                check_tasks_against_batch(self.tasks, outputs, one, partial=len(batches) > 1)
+                check_tasks_against_batch(self.tasks, outputs, one)
         finally:
             self.train(was_training)
-        provided = {key for one in batches for key in one["targets"]}
-        for task in self.tasks:
-            if task.target not in provided:
-                raise ConfigError(
-                    f"tasks.{task.name}.target={task.target!r} is not a label of the data; "
-                    f"the data module provides: {', '.join(sorted(provided))}"
-                )
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":
@@ -450,21 +450,17 @@ class MultiTaskModule(L.LightningModule):
         ``<stage>/<task>/<metric>``. Called from :meth:`setup`, before Lightning
         moves the module to its device. With fewer than two sources nothing is added.
         """
-        if list(eval_sources) == self.source_names or (
-            len(eval_sources) < 2 and not self.source_names
-        ):
+        wanted = list(eval_sources) if len(eval_sources) >= 2 else []
+        if wanted == self.source_names:
             return
         for key in self._source_keys:  # another data module than before: start over
             del self.metrics[key]
             del self.loss_means[key]
-        self._source_keys = []
-        self.source_names = list(eval_sources) if len(eval_sources) >= 2 else []
-        if not self.source_names:
-            return
+        self._source_keys, self.source_names = [], wanted
         for stage in ("val", "test"):
-            for source, targets in eval_sources.items():
+            for source in wanted:
                 for task in self.tasks:
-                    if task.target not in targets:
+                    if task.target not in eval_sources[source]:
                         continue
                     key = f"{stage}_{source}__{task.name}"
                     prefix = f"{stage}/{source}/{task.name}/"

@@ -17,7 +17,7 @@ label of the wrong shape stops the run before training.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,26 +160,29 @@ def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]
     return specs
 
 
+def check_label_keys(tasks: list[TaskSpec], provided: Iterable[str]) -> None:
+    """Every task's label key must be one the data provides (over all its sources)."""
+    keys = set(provided)
+    for task in tasks:
+        if task.target not in keys:
+            raise ConfigError(
+                f"tasks.{task.name}.target={task.target!r} is not a label of the data; "
+                f"the data module provides: {', '.join(sorted(keys))}"
+            )
+
+
 def check_tasks_against_batch(
-    tasks: list[TaskSpec],
-    outputs: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    partial: bool = False,
+    tasks: list[TaskSpec], outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
 ) -> None:
     """Compare each head's output with the labels of a real batch; raise on any mismatch.
 
-    ``partial``: the batch comes from one source of merged data, so a label it lacks is skipped
-    (the caller checks that some source has it).
+    Tasks whose label the batch lacks are skipped: a batch of merged data comes from one source;
+    :func:`check_label_keys` checks that some source has every label.
     """
     targets = batch["targets"]
     for task in tasks:
-        if partial and task.target not in targets:
-            continue
         if task.target not in targets:
-            raise ConfigError(
-                f"tasks.{task.name}.target={task.target!r} is not a label of the data; "
-                f"the data module provides: {', '.join(sorted(targets))}"
-            )
+            continue
         output, target = outputs[task.name], targets[task.target]
         expected = task.head.target_shape(output[0])
         if tuple(target.shape[1:]) != expected:

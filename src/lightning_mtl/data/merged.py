@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_mtl.data.sampling import MultiSourceSampler
+from lightning_mtl.data.sampling import SAMPLING_OPTIONS, MultiSourceSampler
 from lightning_mtl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -191,17 +191,11 @@ class MergedDataModule(L.LightningDataModule):
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         self.sampling = dict(sampling or {})
-        unknown = set(self.sampling) - {
-            "strategy",
-            "mixing",
-            "tau",
-            "steps_per_epoch",
-            "drop_last",
-        }
+        unknown = set(self.sampling) - set(SAMPLING_OPTIONS)
         if unknown:
             raise ConfigError(
-                f"data.sampling has unknown keys {sorted(unknown)}; accepted: strategy, mixing, "
-                "tau, steps_per_epoch, drop_last"
+                f"data.sampling has unknown keys {sorted(unknown)}; accepted: "
+                f"{', '.join(SAMPLING_OPTIONS)}"
             )
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0

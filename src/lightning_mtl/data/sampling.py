@@ -46,6 +46,8 @@ from lightning_mtl.errors import ConfigError
 
 STRATEGIES = ("proportional", "round_robin", "temperature")
 MIXING = ("mixed", "homogeneous")
+#: the ``data.sampling`` options (:class:`MultiSourceSampler`'s keyword arguments)
+SAMPLING_OPTIONS = ("strategy", "mixing", "tau", "steps_per_epoch", "drop_last")
 
 
 def largest_remainder(shares: np.ndarray, total: int) -> list[int]:

@@ -144,6 +144,15 @@ def _shape_mask(kind: int, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.
     return (dy >= -radius) & (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
 
 
+SPLITS = ("train", "val", "test")
+
+
+def split_seed(seed: int, offset: int) -> int:
+    """The seed of split number ``offset`` (train 0, val 1, test 2) of a dataset seeded ``seed``:
+    the splits never share a scene."""
+    return int(np.random.SeedSequence((seed, offset)).generate_state(1)[0])
+
+
 class ShapesDataModule(L.LightningDataModule):
     """Train/val/test splits of :class:`ShapesDataset`, each drawn from its own seed.
 
@@ -179,7 +188,7 @@ class ShapesDataModule(L.LightningDataModule):
         sizes["test"] = self.hparams.test_size
         for offset, (split, length) in enumerate(sizes.items()):
             if split not in self.splits:
-                seed = int(np.random.SeedSequence((self.hparams.seed, offset)).generate_state(1)[0])
+                seed = split_seed(self.hparams.seed, offset)
                 self.splits[split] = ShapesDataset(length, seed, self.scene)
 
     def example_batch(self, size: int = 2) -> dict[str, Any]:
@@ -241,10 +250,9 @@ class ShapesSource(ShapesDataset):
                 f"ShapesSource: targets {sorted(unknown)} unknown; accepted: "
                 f"{', '.join(ShapesDataset.target_names)}"
             )
-        offset = ("train", "val", "test").index(split) if split in ("train", "val", "test") else 3
-        split_seed = int(np.random.SeedSequence((seed, offset)).generate_state(1)[0])
+        offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
         scene = SceneConfig(image_size=image_size, max_objects=max_objects)
-        super().__init__(int(sizes[split]), split_seed, scene)
+        super().__init__(int(sizes[split]), split_seed(seed, offset), scene)
         self.target_names = keep
         self.num_classes = {k: v for k, v in ShapesDataset.num_classes.items() if k in keep}
         self.num_labels = {k: v for k, v in ShapesDataset.num_labels.items() if k in keep}

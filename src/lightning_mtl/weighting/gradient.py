@@ -220,8 +220,8 @@ class GradientWeighting(Weighting):
         """The k×k Gram matrix of the global batch; ``stats`` is summed over ranks in place."""
         k = len(self.tasks)
         if self.level == "params":
+            self._check_trainable(context)
             if context.all_reduce is None:
-                self._check_trainable(context)
                 local_gram = self._gramian.gramian(rows, context.features, context.grad_scale)
                 if local_gram is not None:
                     gram = rows.new_zeros(k, k)
@@ -230,24 +230,19 @@ class GradientWeighting(Weighting):
                     return gram
             jacobian = self._parameter_jacobian(rows, local, context)
             if context.all_reduce is not None:
-                packed = context.all_reduce(torch.cat([jacobian.flatten(), stats.flatten()]))
-                jacobian = packed[: jacobian.numel()].view_as(jacobian) / context.world_size
-                stats.copy_(packed[jacobian.numel() :].view_as(stats))
+                jacobian = _reduce_with(jacobian, stats, context) / context.world_size
             return jacobian @ jacobian.T
         full = rows.new_zeros(k, rows.shape[1])
         full[local] = rows
         gram = full @ full.T
         if context.all_reduce is not None:
-            packed = context.all_reduce(torch.cat([gram.flatten(), stats.flatten()]))
-            gram = packed[: k * k].view(k, k) / context.world_size**2
-            stats.copy_(packed[k * k :].view_as(stats))
+            gram = _reduce_with(gram, stats, context) / context.world_size**2
         return gram
 
     def _parameter_jacobian(
         self, rows: torch.Tensor, local: list[int], context: StepContext
     ) -> torch.Tensor:
         """The k×D Jacobian of the shared parameters: ``(∂z/∂θ)ᵀ ∂Lᵢ/∂z`` per task."""
-        self._check_trainable(context)
         params = [p for p in context.shared_parameters if p.requires_grad]
         features = list(context.features)
         scale = context.grad_scale or 1.0
@@ -311,6 +306,14 @@ class _InjectGradient(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (direction,) = ctx.saved_tensors
         return (grad.float() * direction.float()).to(ctx.dtype), None
+
+
+def _reduce_with(tensor: torch.Tensor, stats: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """``tensor`` summed over the DDP ranks, in one all-reduce with ``stats`` (summed in place)."""
+    assert context.all_reduce is not None
+    packed = context.all_reduce(torch.cat([tensor.flatten(), stats.flatten()]))
+    stats.copy_(packed[tensor.numel() :].view_as(stats))
+    return packed[: tensor.numel()].view_as(tensor)
 
 
 def _split_like(
