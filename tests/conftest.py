@@ -6,6 +6,8 @@ The environment is set before timm or wandb is imported: no network, no hub retr
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -64,3 +66,22 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config(name, [*fast, *overrides], out or tmp_path)
 
     return make
+
+
+def run_ddp_sim(run_dir: Path, *overrides: str, timeout: int = 600) -> str:
+    """``mtl-train trainer=ddp_sim`` (two gloo processes) on the FAST data, in a subprocess:
+    Lightning's DDP launcher re-runs the command line for rank 1, so it cannot run in-process.
+    Fails the test with the output's tail on a non-zero exit; returns stdout and stderr."""
+    fast = [o for o in FAST if not o.startswith("trainer.accelerator")]
+    command = [sys.executable, "-m", "lightning_mtl.train", "trainer=ddp_sim", *fast, *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    result = subprocess.run(
+        [*command, f"hydra.run.dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output

@@ -10,6 +10,7 @@ import torch
 from torchjd import aggregation as jd
 
 from lightning_mtl.errors import ConfigError
+from lightning_mtl.models.meeting import cut_meeting
 from lightning_mtl.weighting import StepContext, build_weighting
 from lightning_mtl.weighting.gradient import step_generator_seed
 
@@ -34,21 +35,18 @@ def step(
     """
     k, n = jacobian.shape
     values = values if values is not None else [1.0 + i for i in range(k)]
-    theta = torch.zeros(n, requires_grad=True)
+    backbone = torch.nn.Module()
+    backbone.theta = torch.nn.Parameter(torch.zeros(n))
+    theta = backbone.theta
     z = (theta * 1.0).to(dtype)
-    rep = z.detach().requires_grad_()
+    meeting = cut_meeting([z], [backbone], method.tasks)
+    rep = meeting.leaves[0]
     losses = {
         t: values[i] + factor * (jacobian[i].to(dtype) * rep).sum().float()
         for i, t in enumerate(method.tasks)
         if t not in drop
     }
-    context = StepContext(
-        step=level_step,
-        features=[z],
-        representation=[rep],
-        shared_parameters=[theta],
-        grad_scale=scale,
-    )
+    context = StepContext(step=level_step, meetings=[meeting], grad_scale=scale)
     combined = method(losses, context)
     # as a GradScaler does: back-propagate the scaled loss, unscale the gradients
     (combined.loss * (scale or 1.0)).backward()

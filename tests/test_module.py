@@ -136,34 +136,38 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
     batch["mask"]["count"] = torch.tensor([True, False, True, False])
     module.training_step(batch, 0).backward()
     # params level: G came from the autogram engine (no k×D Jacobian), hooks gone after the step
-    assert module.weighting._gramian.used == (level == "params")
-    assert all(not m._forward_hooks for m in module.net.backbone.modules())
+    engine = module.weighting._gramians.get("backbone")
+    assert (engine is not None and engine.used) == (level == "params")
+    backbone_module = module.net.architecture.backbone
+    assert all(not m._forward_hooks for m in backbone_module.modules())
     got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
     # the reference: every task's gradient on its own, from an ordinary forward
     module.zero_grad()
-    features = module.net.forward_features(batch["image"])
-    shared = [features.pooled, *features.maps]
-    outputs = module.net.forward_heads(features, tuple(batch["image"].shape[-2:]))
-    losses, _ = module.task_losses(outputs, batch)
     names = [t.name for t in module.tasks]
-    backbone = list(module.net.backbone.parameters())
+    features = module.net.forward_features(batch["image"]).features[names[0]]
+    shared = [features.pooled, *features.maps]
+    size = tuple(batch["image"].shape[-2:])
+    outputs = module.net.forward_heads(dict.fromkeys(names, features), size)
+    losses, _ = module.task_losses(outputs, batch)
+    backbone = list(backbone_module.parameters())
     per_task = {task: _flat_grads(losses[task], backbone) for task in names}
     if level == "params":
         rows_of = {t: _flat_grads(losses[t], backbone) for t in names}
     else:  # the representation the heads read: pooled vector and maps, each a leaf
         leaves = [x.detach().requires_grad_() for x in shared]
-        size = tuple(batch["image"].shape[-2:])
-        outputs = module.net.forward_heads(type(features)(leaves[0], leaves[1:]), size)
+        cut = type(features)(leaves[0], leaves[1:])
+        outputs = module.net.forward_heads(dict.fromkeys(names, cut), size)
         on_leaves, _ = module.task_losses(outputs, batch)
         rows_of = {t: _flat_grads(on_leaves[t], leaves) for t in names}
     rows = torch.stack([torch.cat([g.flatten() for g in rows_of[t]]) for t in names])
     w = UPGradWeighting()((rows @ rows.T).double()).float()
     logged = module.weighting.last_gram
     torch.testing.assert_close(logged, rows @ rows.T, rtol=1e-3, atol=1e-9)
-    for i, (name, _) in enumerate(module.net.backbone.named_parameters()):
+    for i, (name, _) in enumerate(backbone_module.named_parameters()):
         expected = sum(w[j] * per_task[t][i] for j, t in enumerate(names))
-        torch.testing.assert_close(got[f"net.backbone.{name}"], expected, rtol=1e-3, atol=1e-6)
+        key = f"net.architecture.backbone.{name}"
+        torch.testing.assert_close(got[key], expected, rtol=1e-3, atol=1e-6)
     for task in names:  # each head: its own task's gradient, unweighted
         head = module.net.heads[task]
         own = _flat_grads(losses[task], list(head.parameters()))

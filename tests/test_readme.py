@@ -27,10 +27,11 @@ def test_plain_pytorch_loop_snippet_trains() -> None:
     assert set(namespace["combined"].weights) == {"seg", "count"}
 
     # the gradient-method snippet continues it: UPGrad weights, a moving backbone
-    before = [p.detach().clone() for p in namespace["net"].backbone.parameters()]
+    backbone = namespace["net"].architecture.backbone
+    before = [p.detach().clone() for p in backbone.parameters()]
     exec(compile(gradient_code, str(README), "exec"), namespace)
     assert set(namespace["combined"].weights) == {"seg", "count"}
     assert all(w > 0 for w in namespace["combined"].weights.values())
-    after = list(namespace["net"].backbone.parameters())
+    after = list(backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert namespace["balancer"].last_gram.shape == (2, 2)

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_mtl.models.meeting import Meeting, MeetingPlace
 from lightning_mtl.weighting import StepContext, build_weighting
+from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 TASKS = ["a", "b", "c"]
 
@@ -28,25 +30,31 @@ def backbone() -> nn.Module:
     )
 
 
+def place(net: nn.Module) -> MeetingPlace:
+    """The one meeting place of these tests: the net's output, all tasks."""
+    return MeetingPlace("shared", tuple(TASKS), (net,))
+
+
+def gramian(method) -> SharedGramian:
+    """The method's params-level Gram engine of that place (a blank one if never prepared)."""
+    return method._gramians.get("shared") or SharedGramian()
+
+
 def run_step(method, net, images, drop=(), scale=None, hook=True):
     """One params-level step on a conv-BN backbone; returns (G, backbone gradient, losses)."""
     if hook:
-        method.prepare(net)
+        method.prepare([place(net)])
     net.zero_grad()
     z = net(images)
-    rep = z.detach().requires_grad_()
+    meeting = Meeting.of(place(net), [z], cut=True)
+    rep = meeting.leaves[0]
     pooled = rep.mean((2, 3))
     losses = {
         t: ((pooled[:, i] - i) ** 2).mean() + (i + 1) * rep[:, i + 3].square().mean()
         for i, t in enumerate(TASKS)
         if t not in drop
     }
-    context = StepContext(
-        features=[z],
-        representation=[rep],
-        shared_parameters=list(net.parameters()),
-        grad_scale=scale,
-    )
+    context = StepContext(meetings=[meeting], grad_scale=scale)
     combined = method(losses, context)
     combined.loss.backward()
     grads = torch.cat(
@@ -87,7 +95,7 @@ def test_engine_gram_equals_explicit_gram_and_batch_norm_statistics_are_untouche
     images = torch.randn(4, 3, 8, 8)
     method = build_weighting("upgrad", TASKS, level="params")
     gram, grads, _ = run_step(method, net, images)
-    assert method._gramian.used  # the engine, not the k×D Jacobian, produced G
+    assert gramian(method).used  # the engine, not the k×D Jacobian, produced G
     assert all(not m._forward_hooks for m in net.modules())  # unhooked once G is formed
     expected = explicit_gram(reference, images)
     torch.testing.assert_close(gram, expected, rtol=1e-4, atol=1e-7)
@@ -99,7 +107,7 @@ def test_engine_gram_equals_explicit_gram_and_batch_norm_statistics_are_untouche
     plain = build_weighting("upgrad", TASKS, level="params")
     other = backbone()
     gram_plain, grads_plain, _ = run_step(plain, other, images, hook=False)  # a plain loop
-    assert not plain._gramian.used
+    assert not gramian(plain).used
     torch.testing.assert_close(gram, gram_plain, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads, grads_plain, rtol=1e-4, atol=1e-7)
 
@@ -113,7 +121,7 @@ def test_engine_follows_freezing_absent_tasks_and_scaled_fp16_style_steps() -> N
     for p in net[0].parameters():  # freeze the first conv: G is over the rest only
         p.requires_grad_(False)
     gram, _, _ = run_step(method, net, images, drop=("b",))
-    assert method._gramian.used
+    assert gramian(method).used
     reference = copy.deepcopy(net)
     torch.testing.assert_close(
         gram, explicit_gram(reference, images, drop=("b",)), rtol=1e-4, atol=1e-7
@@ -134,28 +142,28 @@ def test_stray_forward_falls_back_to_the_jacobian_with_one_warning_and_unhook_re
     images = torch.randn(4, 3, 8, 8)
     method = build_weighting("upgrad", TASKS, level="params")
     reference = copy.deepcopy(net)
-    method.prepare(net)
+    method.prepare([place(net)])
     net(images).sum()  # a hooked forward that the step does not differentiate
     with caplog.at_level(logging.WARNING):
         gram, _, _ = run_step(method, net, images, hook=False)
-    assert "cannot serve this backbone" in caplog.text and not method._gramian.used
+    assert "cannot serve this backbone" in caplog.text and not gramian(method).used
     torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
     assert all(not m._forward_hooks for m in net.modules())
     copy.deepcopy(net)  # between steps the backbone is a plain module
     gram, _, _ = run_step(method, net, images)  # the engine stays off for the rest of the run
-    assert method._gramian.disabled and not method._gramian.used
+    assert gramian(method).disabled and not gramian(method).used
     assert caplog.text.count("cannot serve this backbone") == 1
 
     method = build_weighting("upgrad", TASKS, level="params")
-    method.prepare(net)
+    method.prepare([place(net)])
     method.prepare(None)
-    assert not method._gramian.active
+    assert not gramian(method).active
     assert all(not m._forward_hooks for m in net.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: the Jacobian path
-        method.prepare(net)
-    assert not method._gramian.active
+        method.prepare([place(net)])
+    assert not gramian(method).active
     # DDP (world_size > 1) never hooks: the Jacobian is all-reduced there
-    method.prepare(net, world_size=2)
+    method.prepare([place(net)], world_size=2)
     assert all(not m._forward_hooks for m in net.modules())
 
 
@@ -180,8 +188,8 @@ def test_a_backbone_the_engine_cannot_see_whole_is_caught_by_the_first_step_chec
     method = build_weighting("upgrad", TASKS, level="params")
     with caplog.at_level(logging.WARNING):
         gram, _, _ = run_step(method, net, images)
-    assert method._gramian.disabled and "disagrees with explicit gradients" in caplog.text
+    assert gramian(method).disabled and "disagrees with explicit gradients" in caplog.text
     torch.testing.assert_close(gram, explicit_gram(reference, images), rtol=1e-4, atol=1e-7)
     good = build_weighting("upgrad", TASKS, level="params")
     run_step(good, backbone(), images)
-    assert good._gramian.verified and good._gramian.used  # a plain CNN passes the check
+    assert gramian(good).verified and gramian(good).used  # a plain CNN passes the check

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
-from lightning_mtl.data.sources.base import IMAGENET_MEAN, IMAGENET_STD
+from lightning_mtl.data.inputs import FALLBACK_NORMALIZATION
 from lightning_mtl.data.sources.celeba import CelebA
 from lightning_mtl.data.sources.csv_folder import CsvImageFolder
 from lightning_mtl.data.sources.images import load_image
@@ -28,7 +28,9 @@ def write_image(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: int
 
 
 def denormalized(image: torch.Tensor) -> torch.Tensor:
-    return image * IMAGENET_STD + IMAGENET_MEAN
+    """Back to [0, 1] pixels: a source used alone normalises with the fallback statistics."""
+    mean = torch.tensor(FALLBACK_NORMALIZATION.mean).view(3, 1, 1)
+    return image * torch.tensor(FALLBACK_NORMALIZATION.std).view(3, 1, 1) + mean
 
 
 # --------------------------------------------------------------------------------- images.py

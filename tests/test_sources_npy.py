@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
-from lightning_mtl.data.sources.base import normalize
+from lightning_mtl.data.inputs import FALLBACK_NORMALIZATION
 from lightning_mtl.data.sources.cityscapes import Cityscapes
 from lightning_mtl.data.sources.nyuv2 import NYUv2
 from lightning_mtl.errors import DataError
@@ -89,7 +89,7 @@ def test_nyuv2_reads_every_target_at_native_size(nyu: tuple[Path, Arrays]) -> No
         arrays = {folder: values[i] for folder, values in written["train"].items()}
         image, targets = sample["image"], sample["targets"]
         assert image.shape == (3, H, W) and image.dtype == torch.float32
-        expected_image = normalize(torch.from_numpy(arrays["image"]).permute(2, 0, 1))
+        expected_image = FALLBACK_NORMALIZATION(torch.from_numpy(arrays["image"]).permute(2, 0, 1))
         torch.testing.assert_close(image, expected_image)
         assert set(targets) == {"segmentation", "depth", "normals"}
         seg = targets["segmentation"]

@@ -39,8 +39,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_mtl.models.meeting import LEVELS, cut_meeting
 from lightning_mtl.weighting import WEIGHTINGS, StepContext, build_weighting
-from lightning_mtl.weighting.gradient import LEVELS
+from lightning_mtl.weighting.base import global_loss_values
 
 TASKS = ["a", "b", "c"]
 SCALES = {"a": 1.0, "b": 10.0, "c": 0.1}  # losses on different scales
@@ -49,7 +50,7 @@ PER_RANK = 4  # rank r holds samples [4r, 4r + 4) of the union batch of 8
 STEPS = 3
 LR = 0.05
 RTOL, ATOL = 1e-4, 1e-6
-TIMEOUT_S = 120  # the whole spawn; a hang fails the test instead of blocking the suite
+TIMEOUT_S = 300  # the whole spawn; a hang fails the test instead of blocking the suite
 
 # Arguments beyond the configs' defaults: STCH leaves its warm-up after one step (so its
 # weights are exercised), static weights that are not all equal.
@@ -135,17 +136,54 @@ def _model() -> tuple[nn.Module, nn.ModuleDict]:
     return backbone, heads
 
 
-def _global_losses(
-    losses: dict[str, torch.Tensor], all_reduce: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """``MultiTaskModule._global_losses``: each task's loss averaged over the ranks that have it."""
-    stats = torch.zeros(2, len(TASKS))
-    for i, t in enumerate(TASKS):
-        if t in losses:
-            stats[0, i] = losses[t].detach().float()
-            stats[1, i] = 1.0
-    stats = all_reduce(stats)
-    return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.nan)
+def _step(
+    weighting: Any,
+    losses: dict[str, torch.Tensor],
+    context: StepContext,
+    named: list[tuple[str, torch.Tensor]],
+    lrs: dict[str, float],
+    result: dict[str, Any],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+    world_size: int,
+) -> None:
+    """The rest of a step, as Lightning and DDP take it: the balancer (with the global losses
+    under DDP), one backward, gradients averaged over the ranks, an SGD step; the weights
+    (each place's too) and the averaged gradients go to ``result``."""
+    if all_reduce is not None:
+        context.world_size, context.all_reduce = world_size, all_reduce
+        context.rank = torch.distributed.get_rank()
+        if weighting.reads_loss_values:
+            context.global_losses = global_loss_values(losses, weighting.tasks, all_reduce)
+    combined = weighting(losses, context)
+    combined.loss.backward()
+    grads = {}
+    for n, p in named:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if all_reduce is not None:  # DDP: gradients averaged over the ranks
+            grad = all_reduce(grad.clone()) / world_size
+            p.grad = grad.clone()
+        grads[n] = grad.detach().clone()
+    result["grads"].append(grads)
+    shown = {t: w.detach().double().clone() for t, w in combined.weights.items()}
+    for place, weights in combined.places.items():
+        shown.update({f"{place}/{t}": w.detach().double().clone() for t, w in weights.items()})
+    result["weights"].append(shown)
+    with torch.no_grad():
+        for n, p in named:
+            if p.grad is not None:
+                p -= lrs[n] * p.grad
+
+
+def _sgd_parameters(
+    modules: dict[str, torch.nn.Module], weighting: torch.nn.Module
+) -> tuple[list[tuple[str, torch.nn.Parameter]], dict[str, float]]:
+    """The named parameters ``_step`` updates and their learning rates: plain SGD by hand
+    (torch.optim's first step imports torch._dynamo: seconds per process), with the balancer's
+    own learning rate where it has one (as ``MultiTaskModule.configure_optimizers``)."""
+    named = [(f"{prefix}.{n}", p) for prefix, m in modules.items() for n, p in m.named_parameters()]
+    named += [("weighting." + n, p) for n, p in weighting.named_parameters() if p.requires_grad]
+    balancer_lr = dict(weighting.optimizer_options).get("lr", LR)
+    return named, {n: balancer_lr if n.startswith("weighting.") else LR for n, _ in named}
 
 
 def _train(
@@ -164,15 +202,7 @@ def _train(
     x, targets = x[samples], {t: y[samples] for t, y in targets.items()}
     backbone, heads = _model()
     weighting = build_weighting(name, TASKS, **kwargs)
-    named = [
-        *(("backbone." + n, p) for n, p in backbone.named_parameters()),
-        *(("heads." + n, p) for n, p in heads.named_parameters()),
-        *(("weighting." + n, p) for n, p in weighting.named_parameters() if p.requires_grad),
-    ]
-    # Plain SGD by hand (torch.optim's first step imports torch._dynamo: seconds per process),
-    # with the balancer's own learning rate where it has one (MultiTaskModule.configure_optimizers)
-    balancer_lr = dict(weighting.optimizer_options).get("lr", LR)
-    lrs = {n: balancer_lr if n.startswith("weighting.") else LR for n, _ in named}
+    named, lrs = _sgd_parameters({"backbone": backbone, "heads": heads}, weighting)
     result: dict[str, Any] = {"weights": [], "grads": []}
     for step in range(STEPS):
         for _, p in named:
@@ -181,38 +211,101 @@ def _train(
         # epoch = step: DWA closes an epoch each step, so its weights leave 1 on the third step
         context = StepContext(step=step, epoch=step)
         head_input = z
-        if weighting.needs_gradients:  # as MultiTaskModule.training_step
-            context.features = [z]
-            context.representation = [z.detach().requires_grad_()]
-            context.shared_parameters = list(backbone.parameters())
-            head_input = context.representation[0]
+        if weighting.needs_gradients:  # as MultiTaskModule.training_step: the heads read a cut
+            meeting = cut_meeting([z], [backbone], TASKS)
+            context.meetings = [meeting]
+            head_input = meeting.leaves[0]
         losses = {
             t: SCALES[t] * F.mse_loss(heads[t](head_input), targets[t])
             for t in TASKS
             if t not in absent
         }
-        if all_reduce is not None:
-            context.world_size, context.all_reduce = world_size, all_reduce
-            context.rank = torch.distributed.get_rank()
-            if weighting.reads_loss_values:
-                context.global_losses = _global_losses(losses, all_reduce)
-        combined = weighting(losses, context)
-        combined.loss.backward()
-        grads = {}
-        for n, p in named:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            if all_reduce is not None:  # DDP: gradients averaged over the ranks
-                grad = all_reduce(grad.clone()) / world_size
-                p.grad = grad.clone()
-            grads[n] = grad.detach().clone()
-        result["grads"].append(grads)
-        result["weights"].append(
-            {t: w.detach().double().clone() for t, w in combined.weights.items()}
-        )
-        with torch.no_grad():
-            for n, p in named:
-                if p.grad is not None:
-                    p -= lrs[n] * p.grad
+        _step(weighting, losses, context, named, lrs, result, all_reduce, world_size)
+    result["state"] = {k: v.detach().clone() for k, v in weighting.state_dict().items()}
+    return result
+
+
+# --------------------------------------------------------- a branching tree of meeting places
+# The same agreement for a non-hard architecture: a ``branched`` tree over a tiny ViT (LayerNorm
+# only: per-sample, so DDP equals one process on the union batch) with three meeting places, two
+# of them nested (trunk: all tasks; branch0: seg and depth; branch1: cls and reg, which split
+# again). Real architecture, heads, losses and balancer (one rule per place), in eval mode: the
+# heads' BatchNorm would otherwise normalise each rank's half batch on its own.
+TREE_TASKS = {
+    "seg": {
+        "head": {"name": "segmentation", "num_classes": 3, "decoder_channels": 8},
+        "loss": "cross_entropy",
+        "metrics": ["miou"],
+    },
+    "depth": {
+        "head": {"name": "dense_regression", "decoder_channels": 8},
+        "loss": "l1",
+        "metrics": ["mae"],
+    },
+    "cls": {
+        "head": {"name": "classification", "num_classes": 4},
+        "loss": "cross_entropy",
+        "metrics": ["accuracy"],
+    },
+    "reg": {"head": {"name": "regression", "out_dim": 2}, "loss": "mse", "metrics": ["mae"]},
+}
+TREE = {
+    "name": "branched",
+    "at": 2,
+    "branches": [["seg", "depth"], {"at": 3, "branches": [["cls"], ["reg"]]}],
+}
+TREE_CASES = [
+    ("tree-upgrad", "upgrad", {}),
+    ("tree-upgrad-params", "upgrad", {"level": "params"}),
+    ("tree-gradnorm", "gradnorm", {}),
+    ("tree-nash_mtl", "nash_mtl", {}),
+    ("tree-famo", "famo", {}),
+]
+
+
+def _tree_train(
+    name: str,
+    kwargs: dict[str, Any],
+    samples: slice,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """STEPS steps of ``name`` on the tree, as ``MultiTaskModule.training_step`` takes them."""
+    from lightning_mtl.models.architectures import build_architecture
+    from lightning_mtl.models.backbone import Backbone
+    from lightning_mtl.models.net import MultiTaskNet
+    from lightning_mtl.tasks import build_tasks, task_reads
+
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(WORLD * PER_RANK, 3, 16, 16, generator=generator)[samples]
+    labels = {
+        "seg": torch.randint(0, 3, (WORLD * PER_RANK, 16, 16), generator=generator),
+        "depth": torch.rand(WORLD * PER_RANK, 1, 16, 16, generator=generator) * 3,
+        "cls": torch.randint(0, 4, (WORLD * PER_RANK,), generator=generator),
+        "reg": torch.randn(WORLD * PER_RANK, 2, generator=generator) * 5,
+    }
+    labels = {t: y[samples] for t, y in labels.items()}
+    torch.manual_seed(0)
+    vit = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 4, "num_heads": 2}
+    backbone = Backbone("vit_tiny_patch16_224", model_kwargs=vit)
+    reads = task_reads(TREE_TASKS)
+    architecture = build_architecture(TREE, backbone, reads)
+    tasks = build_tasks(TREE_TASKS, {t: architecture.feature_info(t) for t in reads})
+    net = MultiTaskNet(architecture, {t.name: t.head for t in tasks}).eval()
+    names = [t.name for t in tasks]
+    weighting = build_weighting(name, names, places=architecture.places, **kwargs)
+    named, lrs = _sgd_parameters({"net": net}, weighting)
+    result: dict[str, Any] = {"weights": [], "grads": []}
+    for step in range(STEPS):
+        for _, p in named:
+            p.grad = None
+        weighting.prepare(architecture.places, world_size)
+        out = net.forward_features(images, cut=weighting.needs_gradients)
+        outputs = net.forward_heads(out.features, images.shape[-2:])
+        losses = {t.name: t.loss(outputs[t.name], labels[t.name]) for t in tasks}
+        context = StepContext(step=step, epoch=step, meetings=out.meetings)
+        _step(weighting, losses, context, named, lrs, result, all_reduce, world_size)
+    weighting.prepare(None)
     result["state"] = {k: v.detach().clone() for k, v in weighting.state_dict().items()}
     return result
 
@@ -235,10 +328,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     results: dict[str, Any] = {}
     jobs = [(cid, name, kwargs, ()) for cid, name, kwargs in CASES]
     jobs += [(cid, name, kwargs, (ABSENT_TASK,)) for cid, name, kwargs in ABSENT_CASES]
+    jobs += [(cid, name, kwargs, None) for cid, name, kwargs in TREE_CASES]
     try:
         for case_id, name, kwargs, absent in jobs:
             started = time.perf_counter()
             try:
+                if absent is None:  # the tree
+                    results[case_id] = _tree_train(
+                        name, kwargs, samples, all_reduce=_all_reduce_sum, world_size=WORLD
+                    )
+                    continue
                 results[case_id] = _train(
                     name,
                     kwargs,
@@ -278,6 +377,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             single[case_id] = _train(name, kwargs, union)
         except Exception:
             single[case_id] = {"error": traceback.format_exc()}
+    for case_id, name, kwargs in TREE_CASES:
+        try:
+            single[case_id] = _tree_train(name, kwargs, union)
+        except Exception:
+            single[case_id] = {"error": traceback.format_exc()}
     try:
         while not context.join(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - started))):
             if time.perf_counter() - started > TIMEOUT_S:
@@ -309,8 +413,10 @@ def _assert_states(
     """Balancer states equal: exactly, or floats within ``(rtol, atol)``."""
     assert a.keys() == b.keys(), msg
     for key in a:
-        if tolerance is None or not a[key].is_floating_point():
-            assert torch.equal(a[key], b[key]), f"{msg}: state {key}: {a[key]} != {b[key]}"
+        if tolerance is None or not a[key].is_floating_point():  # exactly (NaN: an unset entry)
+            torch.testing.assert_close(
+                a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=f"{msg}: state {key}"
+            )
         else:
             rtol, atol = tolerance
             torch.testing.assert_close(
@@ -372,3 +478,36 @@ def test_task_absent_on_one_rank_keeps_the_ranks_in_agreement(
         for key, grad in rank0["grads"][step].items():
             assert torch.isfinite(grad).all(), f"step {step}: gradient of {key}"
     _assert_states(rank0["state"], rank1["state"], "rank 0 vs rank 1")
+
+
+@pytest.mark.parametrize(("case_id", "name", "kwargs"), TREE_CASES, ids=[c[0] for c in TREE_CASES])
+def test_a_branching_tree_under_ddp_matches_one_process_at_every_meeting_place(
+    runs: dict[str, Any], case_id: str, name: str, kwargs: dict[str, Any]
+) -> None:
+    rank0, rank1 = (_ok(r[case_id], f"rank {i}") for i, r in enumerate(runs["ranks"]))
+    single = _ok(runs["single"][case_id], "the single process")
+    rtol, atol = TOLERANCES.get(name, (RTOL, ATOL))
+    for step in range(STEPS):
+        w0, w1, ws = (r["weights"][step] for r in (rank0, rank1, single))
+        assert _vector(w0) == _vector(w1), f"step {step}: the ranks disagree on the weights"
+        assert w0.keys() == ws.keys() >= set(TREE_TASKS), f"step {step}"
+        if name != "famo":  # one rule per meeting place: trunk, branch0 and branch1
+            assert {k.split("/")[0] for k in w0 if "/" in k} == {"trunk", "branch0", "branch1"}
+        keys = sorted(w0)
+        torch.testing.assert_close(
+            torch.stack([w0[k] for k in keys]),
+            torch.stack([ws[k] for k in keys]),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, step=step: f"step {step}: weights\n{m}",
+        )
+        for key, grad in single["grads"][step].items():
+            torch.testing.assert_close(
+                rank0["grads"][step][key],
+                grad,
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, step=step, key=key: f"step {step}: gradient of {key}\n{m}",
+            )
+    _assert_states(rank0["state"], rank1["state"], "rank 0 vs rank 1")
+    _assert_states(rank0["state"], single["state"], "DDP vs one process", (rtol, atol))

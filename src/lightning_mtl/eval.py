@@ -2,8 +2,8 @@
 
     mtl-eval ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt
 
-The backbone, tasks and weighting are those saved in the checkpoint's hyperparameters, so no
-training override needs repeating; data, trainer and logger come from the eval config. The
+The backbone, architecture, tasks and weighting are those saved in the checkpoint's
+hyperparameters, so no training override needs repeating; data, trainer and logger come from the eval config. The
 weights (the balancer's state included) are loaded strictly.
 """
 
@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_mtl.data.inputs import share_backbone_inputs
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.utils.setup import (
     apply_extras,
@@ -30,17 +31,19 @@ from lightning_mtl.utils.setup import (
 log = logging.getLogger(__name__)
 
 
-def saved_architecture(ckpt_path: str) -> dict[str, Any]:
-    """The backbone, tasks and weighting a checkpoint was trained with (from its hyperparameters).
+SAVED_KEYS = ("backbone", "architecture", "tasks", "weighting")
 
-    They override the eval config's, so ``mtl-eval ckpt_path=...`` needs no training overrides.
-    """
+
+def saved_model(ckpt_path: str) -> dict[str, Any]:
+    """The backbone, architecture, tasks and weighting a checkpoint was trained with (from its
+    hyperparameters). They override the eval config's, so ``mtl-eval ckpt_path=...`` needs no
+    training overrides."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     saved = checkpoint.get("hyper_parameters", {})
-    missing = {"backbone", "tasks", "weighting"} - set(saved)
+    missing = set(SAVED_KEYS) - set(saved)
     if missing:
         log.warning("%s has no %s hyperparameters: using the config's", ckpt_path, sorted(missing))
-    return {key: saved[key] for key in ("backbone", "tasks", "weighting") if key in saved}
+    return {key: saved[key] for key in SAVED_KEYS if key in saved}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -55,12 +58,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     set_float32_matmul_precision()
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: L.LightningModule = hydra.utils.instantiate(
-        cfg.model, **saved_architecture(cfg.ckpt_path)
-    )
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **saved_model(cfg.ckpt_path))
+    share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
-    log_hyperparameters(cfg, model, trainer)
+    log_hyperparameters(cfg, trainer)
 
     metrics: dict[str, float] = {}
     for run in (trainer.validate, trainer.test):

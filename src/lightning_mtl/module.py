@@ -1,72 +1,62 @@
 """The multi-task LightningModule: the path of one batch, in one short file.
 
-    batch ─▶ backbone (timm) ─▶ features ─▶ heads[task] ─▶ outputs[task]
-          ─▶ losses[task] (labelled samples only) ─▶ weighting ─▶ one scalar
-          ─▶ Lightning: backward, DDP all-reduce, AMP scaling, clipping, accumulation, step
+    batch ─▶ architecture (timm backbone, shared and task-specific layers) ─▶ features[task]
+          ─▶ heads[task] ─▶ outputs[task] ─▶ losses[task] (labelled samples only)
+          ─▶ balancer ─▶ one scalar ─▶ Lightning: backward, DDP, AMP, clipping, accumulation
+          ─▶ one optimizer (groups per backbone stage, new layers, heads, balancer)
 
 A batch is ``{"image": B×C×H×W, "targets": {key: tensor}, "mask": {key: bool[B]}}``. A task
 reads the label ``targets[task.target]`` of the samples where ``mask[task.target]`` is true; a
 task with no labelled sample in the batch has no loss that step and is left out of the
-weighting. Metrics are one torchmetrics ``MetricCollection`` per task and stage, logged as
-``<stage>/<task>/<metric>``.
+weighting. Bookkeeping lives elsewhere: metrics in :mod:`lightning_mtl.task_metrics`, the
+gradient-conflict monitor, the fp16 roll-back of the balancer and layer-wise training in
+:mod:`lightning_mtl.callbacks`, the optimizer's groups in :mod:`lightning_mtl.optim`.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 
+from lightning_mtl.callbacks.balancer_rollback import BalancerRollback, grad_scale
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.metrics import build_metrics
-from lightning_mtl.models.backbone import Backbone, Features
+from lightning_mtl.models.architectures import Meeting, architecture_options, build_architecture
+from lightning_mtl.models.backbone import Backbone
+from lightning_mtl.models.net import MultiTaskNet
+from lightning_mtl.optim import group_rules, optimizer_groups
+from lightning_mtl.schedules import schedule_length
+from lightning_mtl.task_metrics import TaskMetrics
 from lightning_mtl.tasks import (
     TaskSpec,
     build_tasks,
-    check_label_keys,
-    check_tasks_against_batch,
+    check_against_batches,
     plain_container,
+    task_reads,
 )
-from lightning_mtl.weighting import StepContext, build_weighting, task_gradients
-
-log = logging.getLogger(__name__)
-
-STAGES = ("train", "val", "test")
-_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+from lightning_mtl.utils.setup import CONFIG_DIR
+from lightning_mtl.weighting import StepContext, build_balancer
+from lightning_mtl.weighting.base import global_loss_values
 
 
-class MultiTaskNet(nn.Module):
-    """Shared backbone + one head per task; ``forward(images) -> {task: output}``.
+@dataclass
+class StepRecord:
+    """The step's losses and meetings, for callbacks that run before the backward pass."""
 
-    A plain ``nn.Module``: usable without Lightning (see the benchmark and the README).
-    """
-
-    def __init__(self, backbone: Backbone, heads: Mapping[str, nn.Module]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.heads = nn.ModuleDict(heads)
-
-    def forward_features(self, images: torch.Tensor) -> Features:
-        return self.backbone(images)
-
-    def forward_heads(
-        self, features: Features, image_size: tuple[int, int]
-    ) -> dict[str, torch.Tensor]:
-        return {name: head(features, image_size) for name, head in self.heads.items()}
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_heads(self.forward_features(images), tuple(images.shape[-2:]))
+    losses: dict[str, torch.Tensor]
+    meetings: list[Meeting]
+    grad_scale: float | None
+    batch_idx: int
 
 
 class MultiTaskModule(L.LightningModule):
-    """A timm backbone, the configured task heads, their losses and metrics, and a balancer.
+    """A timm backbone in an architecture, the configured task heads, losses and metrics, and a
+    balancer, trained with one optimizer.
 
     Args:
         backbone: keyword arguments of :class:`Backbone` (``name``, ``pretrained``, ...).
@@ -75,11 +65,13 @@ class MultiTaskModule(L.LightningModule):
         optimizer: a partial optimizer, called with the parameter groups.
         scheduler: a partial LR scheduler or ``None``; it receives ``total_steps`` if it takes it.
         scheduler_interval: ``"step"`` or ``"epoch"``.
-        backbone_lr_scale: the backbone's learning rate relative to the heads' (transfer learning).
+        architecture: a name from ``configs/architecture/`` or ``{name, **options}``.
+        backbone_lr_scale: the backbone's learning rate relative to the heads' (transfer).
+        layer_decay: each backbone stage's LR relative to the stage above it (1: off).
+        no_decay_norm_bias: no weight decay on biases, norms and ViT embeddings.
         train_metrics: also compute metrics on training batches (costs a little per step).
-        compile: ``torch.compile`` the network.
-        grad_monitor_every_n_steps: log task gradient norms and their cosine (conflict) matrix
-            every that many optimizer steps (0: never).
+        compile: ``torch.compile`` the network (true, or the options of ``torch.compile`` such as
+            ``{mode: max-autotune}``); ``channels_last``: NHWC memory format.
     """
 
     def __init__(
@@ -90,78 +82,43 @@ class MultiTaskModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
+        architecture: str | Mapping[str, Any] = "hard",
         backbone_lr_scale: float = 1.0,
+        layer_decay: float = 1.0,
+        no_decay_norm_bias: bool = False,
         train_metrics: bool = True,
-        compile: bool = False,
-        grad_monitor_every_n_steps: int = 50,
+        compile: bool | Mapping[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        backbone, tasks, weighting = (
-            plain_container(backbone),
-            plain_container(tasks),
-            plain_container(weighting),
+        backbone, tasks, weighting, compile = map(
+            plain_container, (backbone, tasks, weighting, compile)
         )
+        # the architecture's options in full (its YAML defaults), so checkpoints are complete
+        architecture = architecture_options(plain_container(architecture), CONFIG_DIR)
         # Plain containers only, so checkpoints load with torch.load(weights_only=True); the
         # optimizer and scheduler factories are code, kept out of the checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
-        for name in tasks:
-            if not _TASK_NAME.match(str(name)):
-                raise ConfigError(
-                    f"tasks.{name}: a task name must start with a letter and hold only letters, "
-                    "digits and '_' (it becomes part of metric keys and module names)"
-                )
         if scheduler_interval not in {"step", "epoch"}:
             raise ConfigError(
                 f"model.scheduler_interval={scheduler_interval!r}; accepted values: step, epoch"
             )
-        shared = Backbone(**backbone)
-        self.tasks: list[TaskSpec] = build_tasks(tasks, shared)
-        self.net = MultiTaskNet(shared, {task.name: task.head for task in self.tasks})
+        reads = task_reads(tasks)
+        net = build_architecture(architecture, Backbone(**backbone), reads)
+        self.tasks: list[TaskSpec] = build_tasks(tasks, {t: net.feature_info(t) for t in reads})
+        self.net = MultiTaskNet(net, {task.name: task.head for task in self.tasks})
         self.losses = nn.ModuleDict({task.name: task.loss for task in self.tasks})
-        weighting = dict(weighting)
-        if "name" not in weighting:
-            raise ConfigError(
-                "weighting.name is missing (e.g. weighting=equal on the command line)"
-            )
-        custom = {t.name: t.weight for t in self.tasks if t.weight != 1.0}
-        if custom and weighting["name"] != "static":
-            log.warning(
-                "tasks.<name>.weight %s is read only by weighting=static; weighting=%s ignores it",
-                custom,
-                weighting["name"],
-            )
-        self.weighting = build_weighting(
-            weighting.pop("name"),
-            [task.name for task in self.tasks],
-            task_weights={task.name: task.weight for task in self.tasks},
-            **weighting,
-        )
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_{task.name}": build_metrics(task.name, task.head, task.metrics).clone(
-                    prefix=f"{stage}/{task.name}/"
-                )
-                for stage in STAGES
-                for task in self.tasks
-                if stage != "train" or train_metrics
-            }
-        )
-        self.loss_means = nn.ModuleDict(
-            {
-                f"{stage}_{task.name}": MeanMetric()
-                for stage in ("val", "test")
-                for task in self.tasks
-            }
-        )
-        self._updated: set[str] = set()  # metric collections updated since their last reset
-        #: evaluation sources in loader order (set up by add_source_metrics); [] for one source
-        self.source_names: list[str] = []
-        self._source_keys: list[str] = []
-        #: (task names, cosine matrix, step) of the last gradient-conflict measurement
-        self.conflict: tuple[list[str], torch.Tensor, int] | None = None
-        #: fp16: (GradScaler scale, balancer state) at the start of the optimizer step's window
-        self._snapshot: tuple[float, dict[str, torch.Tensor]] | None = None
+        self.weighting = build_balancer(dict(weighting), self.tasks, net.places, net.check_level)
+        self.task_metrics = TaskMetrics(self.tasks, train=train_metrics)
+        #: the current step's losses and meetings, for the callbacks before backward
+        self.step_record: StepRecord | None = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Every backbone-derived module (copies in branches, experts and columns included), for
+        Lightning's ``BackboneFinetuning`` and similar callbacks that look for ``backbone``."""
+        return nn.ModuleList(self.net.architecture.backbone_modules())
 
     # ------------------------------------------------------------------------------ the batch path
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,325 +150,125 @@ class MultiTaskModule(L.LightningModule):
         return losses, labelled
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
-        scale = self._grad_scale()
-        if scale is not None and batch_idx % self._accumulation == 0:
-            self._snapshot = (scale, {k: v.clone() for k, v in self.weighting.state_dict().items()})
-        self.weighting.prepare(self.net.backbone, self._world_size)
-        features = self.net.forward_features(images)
-        context = StepContext(step=self.global_step, epoch=self.current_epoch, grad_scale=scale)
-        shared = _feature_list(features)
-        if self.weighting.needs_gradients:
-            # The heads read the representation detached into leaves: task gradients of it cost
-            # a backward pass through the heads only, and the balancer sends its combined
-            # gradient into the backbone (see weighting/gradient.py).
-            context.features = shared
-            context.representation = [f.detach().requires_grad_(f.requires_grad) for f in shared]
-            context.shared_parameters = list(self.net.backbone.parameters())
-            features = Features(context.representation[0], context.representation[1:])
-        outputs = self.net.forward_heads(features, tuple(images.shape[-2:]))
+        images = self._images(batch)
+        context = self._step_context()
+        balancer = self.weighting
+        balancer.prepare(self.net.architecture.places, context.world_size)
+        # Gradient methods: the modules after each meeting place read it detached (cut), so the
+        # task gradients there cost backward passes through those modules only.
+        out = self.net.forward_features(images, cut=balancer.needs_gradients)
+        outputs = self.net.forward_heads(out.features, images.shape[-2:])
         losses, labelled = self.task_losses(outputs, batch)
-        if self._world_size > 1:
-            context.world_size, context.rank = self._world_size, self.global_rank
-            context.all_reduce = self._all_reduce_sum
-            if self.weighting.reads_loss_values:
-                context.global_losses = self._global_losses(losses)
+        context.meetings = out.meetings
+        if context.all_reduce is not None and balancer.reads_loss_values:
+            context.global_losses = global_loss_values(
+                losses, balancer.tasks, context.all_reduce, self.device
+            )
         size = images.shape[0]
         # A zero term per task without labels keeps its head in the graph, so DDP (with the
         # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
         # batch with no label at all gives a zero loss that still back-propagates.
         terms = [outputs[t.name].sum() * 0.0 for t in self.tasks if t.name not in losses]
-        if losses or self.weighting.needs_gradients or context.global_losses is not None:
-            # under DDP a balancer runs even without a local loss: it joins the all-reduce of
-            # gradient methods, and methods with state update it like the other ranks
-            combined = self.weighting(losses, context)
+        if losses or balancer.needs_gradients or context.global_losses is not None:
+            # under DDP a balancer runs even without a local loss: it joins the all-reduces, and
+            # methods with state update it like the other ranks
+            combined = balancer(losses, context)
             terms.insert(0, combined.loss)
             self.log_dict(
                 {f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size
             )
-            self.log_dict(
-                {f"train/weight/{t}": w for t, w in combined.weights.items()}, batch_size=size
-            )
+            shown = {f"train/weight/{t}": w for t, w in combined.weights.items()}
+            for place, weights in combined.places.items():
+                shown.update({f"train/weight/{place}/{t}": w for t, w in weights.items()})
+            self.log_dict(shown, batch_size=size)
         else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
-            terms.extend(p.sum() * 0.0 for p in self.weighting.parameters())
+            terms.extend(p.sum() * 0.0 for p in balancer.parameters())
         total = sum(terms[1:], start=terms[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
-        every = self.hparams.grad_monitor_every_n_steps
-        if every and self.global_step % every == 0 and batch_idx % self._accumulation == 0:
-            self._log_gradient_conflict(losses, shared, context)
+        self.step_record = StepRecord(losses, out.meetings, context.grad_scale, batch_idx)
         if self.hparams.train_metrics:
-            self._update_metrics("train_", labelled)
+            self.task_metrics.update("train_", labelled)
         return total
 
-    @property
-    def _accumulation(self) -> int:
-        return self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.step_record = None  # callbacks had it; the graph's tensors need not outlive the step
 
-    def _log_gradient_conflict(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        shared: list[torch.Tensor],
-        context: StepContext,
-    ) -> None:
-        """Log each task's gradient norm and the pairwise cosines of the task gradients.
+    def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        images = batch["image"]
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
-        Gradient methods have the (global) Gram matrix already; for the others it is computed
-        at the shared representation (k backward passes through the heads; under DDP one
-        all-reduce of k² numbers). Logged as ``train/grad_norm/<task>`` and
-        ``train/grad_cos/<a>/<b>``; :attr:`conflict` keeps the last matrix for the W&B heatmap.
-        """
-        gram = getattr(self.weighting, "last_gram", None)
-        if not self.weighting.needs_gradients or gram is None:
-            names = [t.name for t in self.tasks if t.name in losses]
-            rows = task_gradients([losses[n] for n in names], shared, context.grad_scale)
-            full = rows.new_zeros(len(self.tasks), rows.shape[1])
-            full[[self.weighting.index[n] for n in names]] = rows
-            gram = full @ full.T
-            if self._world_size > 1:
-                gram = self._all_reduce_sum(gram) / self._world_size**2
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-        seen = [i for i in range(len(self.tasks)) if norms[i] > 0]
-        names = [self.tasks[i].name for i in seen]
-        values = {f"train/grad_norm/{names[a]}": norms[i] for a, i in enumerate(seen)}
-        for a, i in enumerate(seen):
-            for b in range(a + 1, len(seen)):
-                values[f"train/grad_cos/{names[a]}/{names[b]}"] = cosine[i, seen[b]]
-        # straight to the loggers: self.log would repeat the last value at every step between
-        metrics = {key: float(value) for key, value in values.items()}
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
-        self.conflict = (names, cosine[seen][:, seen].detach().cpu(), self.global_step)
-
-    def _grad_scale(self) -> float | None:
-        """The fp16 GradScaler's current scale, or None without one."""
-        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer else None
-        return float(scaler.get_scale()) if scaler is not None else None
-
-    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-
-    @property
-    def _world_size(self) -> int:
-        return self._trainer.world_size if self._trainer is not None else 1
-
-    def _global_losses(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Each task's loss averaged over the ranks that labelled it (NaN where none did).
-
-        One all-reduce of 2k numbers: the k loss sums and the k counts of ranks.
-        """
-        k = len(self.tasks)
-        stats = torch.zeros(2, k, device=self.device)
-        for i, task in enumerate(self.tasks):
-            if task.name in losses:
-                stats[0, i] = losses[task.name].detach().float()
-                stats[1, i] = 1.0
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.nan)
+    def _step_context(self) -> StepContext:
+        trainer = self._trainer
+        context = StepContext(
+            step=self.global_step, epoch=self.current_epoch, grad_scale=grad_scale(trainer)
+        )
+        if trainer is not None and trainer.world_size > 1:
+            context.world_size, context.rank = trainer.world_size, trainer.global_rank
+            context.all_reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+        return context
 
     def validation_step(
         self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._evaluate("val", batch, dataloader_idx)
+        losses, labelled = self.task_losses(self.net(self._images(batch)), batch)
+        self.task_metrics.evaluate("val", losses, labelled, dataloader_idx)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
-
-    def _evaluate(self, stage: str, batch: Mapping[str, Any], dataloader_idx: int = 0) -> None:
-        """Update each task's metrics and mean loss, overall and, with several evaluation
-        sources (one loader each), for the loader's source as well."""
-        losses, labelled = self.task_losses(self.net(batch["image"]), batch)
-        groups = [f"{stage}_"]
-        if self.source_names:
-            groups.append(f"{stage}_{self.source_names[dataloader_idx]}__")
-        for group in groups:
-            for task, loss in losses.items():
-                # weighted by the labelled samples: the epoch value is a per-sample mean
-                weight = labelled[task][1].shape[0]
-                self.loss_means[group + task].update(loss, weight=weight)
-            self._update_metrics(group, labelled)
-
-    def _update_metrics(
-        self, group: str, labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    ) -> None:
-        for task in self.tasks:
-            key = group + task.name
-            if task.name in labelled and key in self.metrics:
-                self.metrics[key].update(*task.metric_inputs(*labelled[task.name]))
-                self._updated.add(key)
-
-    def _log_epoch_metrics(self, stage: str) -> None:
-        """Compute, log and reset each task's metrics (and, for val/test, its mean loss).
-
-        Metrics are updated every step but computed once per epoch (logging the metric objects
-        every step costs Lightning a device move of every metric per step). ``compute()``
-        gathers every rank's state, so all ranks must call it for the same tasks: which tasks
-        had labels this epoch is agreed first with one all-reduce of k numbers. A task with no
-        label anywhere in the epoch logs nothing. ``<stage>/loss`` is the sum of the tasks'
-        mean losses.
-        """
-        groups = [("", f"{stage}_")]
-        if stage != "train":
-            groups += [(f"{source}/", f"{stage}_{source}__") for source in self.source_names]
-        entries = [
-            (name, task, group + task.name)
-            for name, group in groups
-            for task in self.tasks
-            if group + task.name in self.metrics
-        ]
-        keys = [key for _, _, key in entries]
-        updated = torch.tensor([key in self._updated for key in keys], device=self.device)
-        if self._world_size > 1:
-            updated = self.trainer.strategy.reduce(updated.float(), reduce_op="sum") > 0
-        totals: dict[str, torch.Tensor] = {}
-        for (name, task, key), was_updated in zip(entries, updated.tolist(), strict=True):
-            if was_updated:
-                # compute() already gathered all ranks: sync_dist only averages equal values
-                self.log_dict(self.metrics[key].compute(), sync_dist=True)
-                if key in self.loss_means:
-                    loss = self.loss_means[key].compute()
-                    self.log(f"{stage}/{name}{task.name}/loss", loss, sync_dist=True)
-                    totals[name] = totals[name] + loss if name in totals else loss
-            self.metrics[key].reset()
-            if key in self.loss_means:
-                self.loss_means[key].reset()
-            self._updated.discard(key)
-        for name, total in totals.items():
-            # a source's sum is ``total_loss``: ``<source>/loss`` would collide with the loss of
-            # a task of the same name (Office-31: the domains are both sources and tasks)
-            key = f"{stage}/{name}total_loss" if name else f"{stage}/loss"
-            self.log(key, total, sync_dist=True, prog_bar=not name)
+        losses, labelled = self.task_losses(self.net(self._images(batch)), batch)
+        self.task_metrics.evaluate("test", losses, labelled, dataloader_idx)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.train_metrics:
-            self._log_epoch_metrics("train")
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """fp16: a step the GradScaler skipped (inf/NaN gradients; it then lowers its scale)
-        leaves no trace in the balancer: its state returns to the start of the step's window.
-
-        Gradient methods already see an overflow in the task gradients of the representation
-        (NaN weights, state untouched), but one that occurs deeper in the backbone's backward
-        pass shows only when the scaler unscales; loss-based methods (DWA's history, FAMO's
-        logits) would otherwise count a step that did not happen.
-        """
-        if self._snapshot is None:
-            return
-        scale, state = self._snapshot
-        now = self._grad_scale()
-        if now is not None and now < scale:
-            self.weighting.load_state_dict(state)
-            self._snapshot = None
-            log.debug(
-                "step %d skipped by the GradScaler; balancer state restored", self.global_step
-            )
-
-    def on_train_end(self) -> None:
-        self.weighting.prepare(None)  # remove any hooks a balancer put on the backbone
+            self.task_metrics.log_epoch("train", self)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
+        self.task_metrics.log_epoch("val", self)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
+        self.task_metrics.log_epoch("test", self)
+
+    def on_train_start(self) -> None:
+        # frozen batch norm (all its parameters frozen) keeps its statistics: eval mode
+        self.net.architecture.train(self.training)
+
+    def on_train_end(self) -> None:
+        self.weighting.prepare(None)  # remove any hooks a balancer put on the architecture
 
     # ------------------------------------------------------------------------------------- set-up
     def check_against_batch(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
-        """Run real batches through the model and compare outputs with labels (see tasks.py).
-
-        Several batches (one per source of merged data): each is checked for the labels it has,
-        and every task's label must be in at least one of them.
-        """
-        batches = [batch] if isinstance(batch, Mapping) else list(batch)
-        check_label_keys(self.tasks, (key for one in batches for key in one["targets"]))
-        was_training = self.training
-        self.eval()
-        try:
-            for one in batches:
-                with torch.no_grad():
-                    outputs = self.net(one["image"])
-                check_tasks_against_batch(self.tasks, outputs, one)
-        finally:
-            self.train(was_training)
+        """Run real batches (one per source of merged data) through the network and compare
+        outputs with labels: :func:`lightning_mtl.tasks.check_against_batches`."""
+        check_against_batches(self, self.tasks, batch)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         if self.hparams.compile and stage == "fit":
-            # In place: state-dict keys (and so checkpoints) stay those of the eager model.
-            self.net.compile()
+            self.net.compile_parts(self.hparams.compile)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        self.add_source_metrics(getattr(datamodule, "eval_sources", None) or {})
+        sources = getattr(datamodule, "eval_sources", None) or {}
+        self.task_metrics.add_sources(sources, self.device)
 
-    def add_source_metrics(self, eval_sources: Mapping[str, Sequence[str]]) -> None:
-        """Per-source metrics, for data modules with one evaluation loader per source.
-
-        ``eval_sources`` maps each source name, in loader order, to the target keys it labels;
-        each of its tasks gets ``<stage>/<source>/<task>/<metric>`` (and ``.../loss``; the
-        source's sum is ``<stage>/<source>/total_loss``) beside the task's overall
-        ``<stage>/<task>/<metric>``. Called from :meth:`setup`, before Lightning
-        moves the module to its device. With fewer than two sources nothing is added.
-        """
-        wanted = list(eval_sources) if len(eval_sources) >= 2 else []
-        if wanted == self.source_names:
-            return
-        for key in self._source_keys:  # another data module than before: start over
-            del self.metrics[key]
-            del self.loss_means[key]
-        self._source_keys, self.source_names = [], wanted
-        for stage in ("val", "test"):
-            for source in wanted:
-                for task in self.tasks:
-                    if task.target not in eval_sources[source]:
-                        continue
-                    key = f"{stage}_{source}__{task.name}"
-                    prefix = f"{stage}/{source}/{task.name}/"
-                    metrics = build_metrics(task.name, task.head, task.metrics)
-                    self.metrics[key] = metrics.clone(prefix=prefix).to(self.device)
-                    self.loss_means[key] = MeanMetric().to(self.device)
-                    self._source_keys.append(key)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The fp16 roll-back of the balancer's state, in every run (no config can drop it)."""
+        present = self._trainer is not None and any(
+            isinstance(c, BalancerRollback) for c in self._trainer.callbacks
+        )
+        return [] if present else [BalancerRollback()]
 
     def configure_optimizers(self) -> Any:
-        """One optimizer: backbone, heads and balancer parameters in three groups.
-
-        The backbone group's LR is scaled by ``backbone_lr_scale``; the balancer's learned
-        parameters (e.g. uncertainty log-variances) get no weight decay.
-        """
-        make_optimizer = self.make_optimizer
-        base_lr = _keyword(make_optimizer, "lr")
-        groups = [
-            {"params": list(self.net.backbone.parameters()), "name": "backbone"},
-            {"params": list(self.net.heads.parameters()), "name": "heads"},
-        ]
-        if self.hparams.backbone_lr_scale != 1.0:
-            if base_lr is None:
-                raise ConfigError(
-                    "model.backbone_lr_scale needs the base learning rate: set model.optimizer.lr"
-                )
-            groups[0]["lr"] = base_lr * self.hparams.backbone_lr_scale
-        balancer = [p for p in self.weighting.parameters() if p.requires_grad]
-        if balancer:
-            options = dict(self.weighting.optimizer_options)
-            groups.append({"params": balancer, "name": "weighting", "weight_decay": 0.0, **options})
-        groups = [g for g in groups if g["params"]]
-        optimizer = make_optimizer(groups)
+        """One optimizer over the groups of :func:`lightning_mtl.optim.optimizer_groups`."""
+        optimizer = self.make_optimizer(optimizer_groups(self, group_rules(self)))
         make_scheduler = self.make_scheduler
         if make_scheduler is None:
             return optimizer
-        kwargs = {}
+        kwargs, interval = {}, self.hparams.scheduler_interval
         if "total_steps" in inspect.signature(make_scheduler).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            kwargs["total_steps"] = schedule_length(self.trainer, interval)
         scheduler = make_scheduler(optimizer, **kwargs)
-        interval = self.hparams.scheduler_interval
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
-
-
-def _feature_list(features: Features) -> list[torch.Tensor]:
-    """The shared representation as a flat list: the pooled vector, then the maps."""
-    return [features.pooled, *features.maps]
-
-
-def _keyword(partial: Any, name: str) -> Any:
-    """A keyword bound in a ``functools.partial`` (Hydra's ``_partial_: true``), or None."""
-    return getattr(partial, "keywords", {}).get(name)

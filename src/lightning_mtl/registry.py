@@ -29,6 +29,8 @@ class Registry(Generic[T]):
             if name in self._factories:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
             self._factories[name] = factory
+            if isinstance(factory, type):  # the class knows the name configs select it by
+                factory.registered_name = name  # type: ignore[attr-defined]
             return factory
 
         return add

@@ -17,19 +17,20 @@ label of the wrong shape stops the run before training.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.models.backbone import Backbone
 from lightning_mtl.models.heads import HEADS, Head
 from lightning_mtl.models.losses import LOSSES
 
 TASK_KEYS = {"target", "head", "loss", "metrics", "weight"}
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -116,13 +117,28 @@ def _named_block(task: str, key: str, block: Any) -> tuple[str, dict[str, Any]]:
     return str(kwargs.pop("name")), kwargs
 
 
-def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]:
-    """Validate the ``tasks:`` block and build each task's head and loss."""
+class FeatureInfoLike(Protocol):
+    """What a head is built from: channels and strides of the maps it reads (a
+    :class:`~lightning_mtl.models.backbone.FeatureInfo`, or a ``Backbone``)."""
+
+    channels: Any
+    reductions: Any
+
+    @property
+    def pooled_dim(self) -> int: ...
+
+
+def check_tasks_block(config: Any) -> dict[str, Mapping[str, Any]]:
+    """The ``tasks:`` block as a plain dict, each entry checked for its keys."""
     config = plain_container(config)
     if not isinstance(config, Mapping) or not config:
         raise ConfigError("tasks is empty: declare at least one task (see configs/task/)")
-    specs = []
     for name, raw in config.items():
+        if not _TASK_NAME.match(str(name)):
+            raise ConfigError(
+                f"tasks.{name}: a task name must start with a letter and hold only letters, "
+                "digits and '_' (it becomes part of metric keys and module names)"
+            )
         if not isinstance(raw, Mapping):
             raise ConfigError(f"tasks.{name} must be a mapping with keys {sorted(TASK_KEYS)}")
         unknown = set(raw) - TASK_KEYS
@@ -137,8 +153,32 @@ def build_tasks(config: Mapping[str, Any], backbone: Backbone) -> list[TaskSpec]
                     f"metrics (accepted heads: {', '.join(HEADS.names())}; "
                     f"losses: {', '.join(LOSSES.names())})"
                 )
+    return dict(config)
+
+
+def task_reads(config: Mapping[str, Any]) -> dict[str, str]:
+    """What each task's head reads (``"maps"`` or ``"pooled"``), before any head is built: the
+    architecture is built first, and may group tasks by it."""
+    reads = {}
+    for name, raw in check_tasks_block(config).items():
+        head_name, _ = _named_block(name, "head", raw["head"])
+        reads[str(name)] = HEADS.get(head_name, f"tasks.{name}.head.name").reads
+    return reads
+
+
+def build_tasks(
+    config: Mapping[str, Any], features: FeatureInfoLike | Mapping[str, FeatureInfoLike]
+) -> list[TaskSpec]:
+    """Validate the ``tasks:`` block and build each task's head and loss.
+
+    ``features``: what the heads read, one for all tasks or one per task (an architecture's
+    ``feature_info(task)``).
+    """
+    specs = []
+    for name, raw in check_tasks_block(config).items():
+        info = features[name] if isinstance(features, Mapping) else features
         head_name, head_kwargs = _named_block(name, "head", raw["head"])
-        head = HEADS.build(head_name, f"tasks.{name}.head.name", backbone, **head_kwargs)
+        head = HEADS.build(head_name, f"tasks.{name}.head.name", info, **head_kwargs)
         loss_name, loss_kwargs = _named_block(name, "loss", raw["loss"])
         loss = LOSSES.build(loss_name, f"tasks.{name}.loss.name", **loss_kwargs)
         metrics = raw["metrics"]
@@ -201,3 +241,25 @@ def check_tasks_against_batch(
                     f"tasks.{task.name}: label {task.target!r} holds class {int(labels.max())} but "
                     f"the head has num_classes={task.head.out_features}"
                 )
+
+
+def check_against_batches(
+    model: nn.Module, tasks: list[TaskSpec], batch: Mapping[str, Any] | Iterable[Mapping[str, Any]]
+) -> None:
+    """Run real batches through ``model`` (``model(images) -> {task: output}``, in eval mode)
+    and compare each head's output with the labels: a wrong task config stops here.
+
+    Several batches (one per source of merged data): each is checked for the labels it has, and
+    every task's label must be in at least one of them.
+    """
+    batches = [batch] if isinstance(batch, Mapping) else list(batch)
+    check_label_keys(tasks, (key for one in batches for key in one["targets"]))
+    was_training = model.training
+    model.eval()
+    try:
+        for one in batches:
+            with torch.no_grad():
+                outputs = model(one["image"])
+            check_tasks_against_batch(tasks, outputs, one)
+    finally:
+        model.train(was_training)

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from lightning_mtl.data.inputs import share_backbone_inputs
 from lightning_mtl.utils.setup import (
     apply_extras,
     configure_environment,
@@ -40,13 +41,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    # The backbone's normalisation and input size reach the data transforms (no data read yet).
+    share_backbone_inputs(datamodule, model)
     # Heads against labels on one real batch: a wrong task config stops here, not mid-epoch.
     model.check_against_batch(example_batch(datamodule))
 
     callbacks = instantiate_mapping(cfg.get("callbacks"), "callbacks")
+    callbacks += instantiate_mapping({"finetune": cfg.get("finetune")}, "config")  # layer-wise
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    log_hyperparameters(cfg, model, trainer)
+    log_hyperparameters(cfg, trainer)
 
     if cfg.get("train"):
         log.info("Training")

@@ -7,6 +7,11 @@ batches, DDP sharding, resume); :func:`collate_merged` stacks the samples and gi
 key of the batch a per-sample mask (False where the sample's source does not label it). Losses
 then leave those samples out, a task with no labelled sample leaves the step's weighting, and
 evaluation runs one loader per source so metrics come per source and per task.
+
+The sources' inputs follow the backbone: :meth:`MergedDataModule.use_backbone_inputs` receives
+the backbone's mean, std and input size (from ``train.py``, before any source is built), and
+every source factory that takes ``inputs`` (and ``normalization``, when ``data.normalization``
+is set) is called with them; see :mod:`lightning_mtl.data.inputs`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    Normalization,
+    NormalizationSpec,
+    accepted_keywords,
+    parse_normalization,
+    plain_normalization,
+)
 from lightning_mtl.data.sampling import SAMPLING_OPTIONS, MultiSourceSampler
 from lightning_mtl.errors import ConfigError, DataError
 
@@ -147,6 +160,10 @@ class MergedDataModule(L.LightningDataModule):
         sampling: ``strategy`` (proportional | round_robin | temperature), ``mixing`` (mixed |
             homogeneous), ``tau``, ``steps_per_epoch`` and ``drop_last``; see ``sampling.py``.
         seed: the sampling order's seed (the same on every rank, after a resume, in every run).
+        normalization: None (each source keeps its own ``normalization`` setting: the
+            backbone's statistics for natural images, the generated data's own for Shapes), or
+            ``backbone`` | ``dataset`` | ``{mean: [...], std: [...]}`` for every source,
+            overriding theirs.
     """
 
     def __init__(
@@ -158,8 +175,13 @@ class MergedDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
+        normalization: NormalizationSpec | None = None,
     ) -> None:
         super().__init__()
+        self.normalization: str | Normalization | None = None
+        if normalization is not None:  # None: each source's own setting
+            self.normalization = parse_normalization(normalization, "data.normalization")
+        self.inputs: InputConfig | None = None
         if not sources:
             raise ConfigError("data.sources is empty: give at least one source dataset")
         self.factories: dict[str, SourceFactory] = {}
@@ -246,6 +268,31 @@ class MergedDataModule(L.LightningDataModule):
     def names(self) -> list[str]:
         return list(self.factories)
 
+    # ------------------------------------------------------------------ the backbone's inputs
+    def use_backbone_inputs(self, config: InputConfig) -> None:
+        """The backbone's mean, std and input size, for the sources built from now on (call it
+        before setup; splits built earlier are dropped and rebuilt with it)."""
+        self.inputs = config
+        self.splits.clear()
+
+    def _source_kwargs(self, name: str) -> dict[str, Any]:
+        """What a source factory is called with besides ``split``: the backbone's input config
+        and ``data.normalization``, each only when set and when the factory takes it."""
+        accepted = accepted_keywords(self.factories[name])
+        kwargs: dict[str, Any] = {}
+        if self.inputs is not None and "inputs" in accepted:
+            kwargs["inputs"] = self.inputs
+        if self.normalization is not None:
+            if "normalization" not in accepted:
+                raise ConfigError(
+                    f"data.normalization={plain_normalization(self.normalization)!r} is set but "
+                    f"the factory of data.sources.{name} takes no normalization argument (it "
+                    "normalises its images itself): unset data.normalization and set the others' "
+                    "data.sources.<name>.normalization instead"
+                )
+            kwargs["normalization"] = self.normalization
+        return kwargs
+
     # ------------------------------------------------------------------ datasets and labels
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -254,7 +301,10 @@ class MergedDataModule(L.LightningDataModule):
 
     def _split(self, split: str) -> MergedDataset:
         if split not in self.splits:
-            datasets = [self.factories[name](split=split) for name in self.names]
+            datasets = [
+                self.factories[name](split=split, **self._source_kwargs(name))
+                for name in self.names
+            ]
             for name, dataset in zip(self.names, datasets, strict=True):
                 if len(dataset) == 0:  # type: ignore[arg-type]
                     raise DataError(

@@ -17,6 +17,11 @@ target key                kind                    value                         
 ``dominant_color``        image classification    int64 colour of most object pixels cross-entropy
 ``colors``                multi-label             (6,) float32 colours present      BCE
 ========================  ======================  ===============================  =============
+
+The images are normalised with the generated data's own statistics (``normalization:
+dataset``, the default: the scenes are synthetic and trained from scratch), or with the
+backbone's (``normalization: backbone``, for a pretrained backbone) or explicit ones
+(``{mean: [...], std: [...]}``); see :mod:`lightning_mtl.data.inputs`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    Normalization,
+    NormalizationSpec,
+    parse_normalization,
+    plain_normalization,
+    resolve_normalization,
+)
 from lightning_mtl.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle")
@@ -46,6 +59,7 @@ PALETTE = np.array(
 COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
 # Normalisation of the generated images (roughly their mean and standard deviation).
 IMAGE_MEAN, IMAGE_STD = 0.42, 0.20
+SHAPES_NORMALIZATION = Normalization((IMAGE_MEAN,), (IMAGE_STD,))
 
 
 @dataclass(frozen=True)
@@ -60,18 +74,28 @@ class SceneConfig:
 
 
 class ShapesDataset(Dataset[dict[str, Any]]):
-    """``length`` scenes drawn from ``seed``; item ``i`` is always the same scene."""
+    """``length`` scenes drawn from ``seed``; item ``i`` is always the same scene.
+
+    ``normalization``: the statistics applied to the images (None: the generated data's own).
+    """
 
     target_names = ("segmentation", "depth", "count", "dominant_color", "colors")
     num_classes = {"segmentation": 1 + len(SHAPES), "dominant_color": len(PALETTE)}
     num_labels = {"colors": len(PALETTE)}
 
-    def __init__(self, length: int, seed: int, scene: SceneConfig | None = None) -> None:
+    def __init__(
+        self,
+        length: int,
+        seed: int,
+        scene: SceneConfig | None = None,
+        normalization: Normalization | None = None,
+    ) -> None:
         if length <= 0:
             raise ValueError(f"ShapesDataset length must be positive, got {length}")
         self.length = length
         self.seed = seed
         self.scene = scene or SceneConfig()
+        self.normalization = normalization or SHAPES_NORMALIZATION
         size = self.scene.image_size
         self._yy, self._xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
@@ -82,12 +106,11 @@ class ShapesDataset(Dataset[dict[str, Any]]):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} scenes")
         image, targets = self.render(np.random.default_rng((self.seed, index)))
-        image = (image - IMAGE_MEAN) / IMAGE_STD
         sample_targets = {
             key: torch.from_numpy(np.asarray(value)) for key, value in targets.items()
         }
         return {
-            "image": torch.from_numpy(image),
+            "image": self.normalization(torch.from_numpy(image)),
             "targets": sample_targets,
             "mask": {key: torch.tensor(True) for key in sample_targets},
         }
@@ -158,6 +181,8 @@ class ShapesDataModule(L.LightningDataModule):
 
     The splits never share a scene: split ``s`` uses seed ``(seed, s)``. Under DDP, Lightning
     injects a ``DistributedSampler`` into every loader, so each rank sees its own shard.
+    ``normalization``: ``dataset`` (the scenes' own statistics, the default), ``backbone`` (the
+    statistics :meth:`use_backbone_inputs` gives) or ``{mean: [...], std: [...]}``.
     """
 
     def __init__(
@@ -172,11 +197,21 @@ class ShapesDataModule(L.LightningDataModule):
         max_objects: int = 5,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        normalization: NormalizationSpec = "dataset",
     ) -> None:
         super().__init__()
+        self._normalization = parse_normalization(normalization, "data.normalization")
+        normalization = plain_normalization(normalization)  # saved as plain values
         self.save_hyperparameters(logger=False)
         self.scene = SceneConfig(image_size=image_size, max_objects=max_objects)
         self.splits: dict[str, ShapesDataset] = {}
+        self.inputs: InputConfig | None = None
+
+    def use_backbone_inputs(self, config: InputConfig) -> None:
+        """The backbone's input config, for ``normalization: backbone`` (call before setup;
+        splits built earlier are dropped and rebuilt with it)."""
+        self.inputs = config
+        self.splits.clear()
 
     # What the data provides, read by the model to check the task configs against the data.
     target_names = ShapesDataset.target_names
@@ -186,10 +221,13 @@ class ShapesDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         sizes = {"train": self.hparams.train_size, "val": self.hparams.val_size}
         sizes["test"] = self.hparams.test_size
+        normalization = resolve_normalization(
+            self._normalization, self.inputs, "Shapes", SHAPES_NORMALIZATION, "data.normalization"
+        )
         for offset, (split, length) in enumerate(sizes.items()):
             if split not in self.splits:
                 seed = split_seed(self.hparams.seed, offset)
-                self.splits[split] = ShapesDataset(length, seed, self.scene)
+                self.splits[split] = ShapesDataset(length, seed, self.scene, normalization)
 
     def example_batch(self, size: int = 2) -> dict[str, Any]:
         """A small batch from the validation split, used to check heads against labels."""
@@ -228,7 +266,8 @@ class ShapesSource(ShapesDataset):
 
     Two sources with different ``seed`` draw different scenes, and ``image_size`` may differ
     between sources (with homogeneous batches). Split s of source seed k draws from seed
-    ``(k, s)``, as :class:`ShapesDataModule` does.
+    ``(k, s)``, as :class:`ShapesDataModule` does. ``normalization`` and ``inputs`` (the
+    backbone's input config, passed by the data module) work as in :class:`ShapesDataModule`.
     """
 
     def __init__(
@@ -239,6 +278,8 @@ class ShapesSource(ShapesDataset):
         seed: int = 0,
         image_size: int = 64,
         max_objects: int = 5,
+        normalization: NormalizationSpec = "dataset",
+        inputs: InputConfig | None = None,
     ) -> None:
         sizes = dict(sizes or {"train": 1024, "val": 128, "test": 128})
         if split not in sizes:
@@ -252,7 +293,8 @@ class ShapesSource(ShapesDataset):
             )
         offset = SPLITS.index(split) if split in SPLITS else len(SPLITS)
         scene = SceneConfig(image_size=image_size, max_objects=max_objects)
-        super().__init__(int(sizes[split]), split_seed(seed, offset), scene)
+        stats = resolve_normalization(normalization, inputs, "ShapesSource", SHAPES_NORMALIZATION)
+        super().__init__(int(sizes[split]), split_seed(seed, offset), scene, stats)
         self.target_names = keep
         self.num_classes = {k: v for k, v in ShapesDataset.num_classes.items() if k in keep}
         self.num_labels = {k: v for k, v in ShapesDataset.num_labels.items() if k in keep}

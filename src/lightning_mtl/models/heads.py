@@ -4,11 +4,14 @@ Every head honours one contract, so a task declares its head by name in YAML:
 
 * ``forward(features, image_size) -> Tensor``: image-level heads read ``features.pooled``;
   dense heads decode ``features.maps`` and return a map at the input resolution.
+* ``reads``: ``"pooled"`` or ``"maps"`` (architectures may group tasks by it).
 * ``metric_kind``: which family of metrics (and of label shapes) the head's output pairs with.
 * ``target_shape(output)``: the label shape the head expects for one sample, used to stop a
   mis-configured task before training.
 
-``build_head(name, key, backbone, **kwargs)`` creates one; an unknown name lists the accepted ones.
+A head is built from a :class:`~lightning_mtl.models.backbone.FeatureInfo` (channels and stride
+of each map its task reads, as the architecture declares it):
+``HEADS.build(name, key, info, **kwargs)``; an unknown name lists the accepted ones.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.models.backbone import Backbone, Features
+from lightning_mtl.models.backbone import FeatureInfo, Features
 from lightning_mtl.registry import Registry
 
 HEADS: Registry[Head] = Registry("task head")
@@ -28,6 +31,7 @@ class Head(nn.Module):
     """Base class of every head. ``out_features`` is the size of the per-sample output channels."""
 
     metric_kind: str = ""
+    reads: str = "pooled"
     out_features: int = 0
 
     def forward(self, features: Features, image_size: tuple[int, int]) -> torch.Tensor:
@@ -53,14 +57,12 @@ def _mlp(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Sequentia
 class ImageHead(Head):
     """An MLP on the pooled feature vector (``hidden=0`` gives a linear probe)."""
 
-    def __init__(
-        self, backbone: Backbone, out_features: int, hidden: int = 0, dropout: float = 0.0
-    ):
+    def __init__(self, info: FeatureInfo, out_features: int, hidden: int = 0, dropout: float = 0.0):
         super().__init__()
         if out_features <= 0:
             raise ConfigError(f"the head's output size must be positive, got {out_features}")
         self.out_features = out_features
-        self.mlp = _mlp(backbone.pooled_dim, out_features, hidden, dropout)
+        self.mlp = _mlp(info.pooled_dim, out_features, hidden, dropout)
 
     def forward(self, features: Features, image_size: tuple[int, int]) -> torch.Tensor:
         return self.mlp(features.pooled)
@@ -72,8 +74,8 @@ class ClassificationHead(ImageHead):
 
     metric_kind = "classification"
 
-    def __init__(self, backbone: Backbone, num_classes: int, hidden: int = 0, dropout: float = 0.0):
-        super().__init__(backbone, num_classes, hidden, dropout)
+    def __init__(self, info: FeatureInfo, num_classes: int, hidden: int = 0, dropout: float = 0.0):
+        super().__init__(info, num_classes, hidden, dropout)
 
     def target_shape(self, output: torch.Tensor) -> tuple[int, ...]:
         return ()
@@ -85,8 +87,8 @@ class MultiLabelHead(ImageHead):
 
     metric_kind = "multilabel"
 
-    def __init__(self, backbone: Backbone, num_labels: int, hidden: int = 0, dropout: float = 0.0):
-        super().__init__(backbone, num_labels, hidden, dropout)
+    def __init__(self, info: FeatureInfo, num_labels: int, hidden: int = 0, dropout: float = 0.0):
+        super().__init__(info, num_labels, hidden, dropout)
 
     def target_shape(self, output: torch.Tensor) -> tuple[int, ...]:
         return (self.out_features,)
@@ -98,8 +100,8 @@ class RegressionHead(ImageHead):
 
     metric_kind = "regression"
 
-    def __init__(self, backbone: Backbone, out_dim: int = 1, hidden: int = 0, dropout: float = 0.0):
-        super().__init__(backbone, out_dim, hidden, dropout)
+    def __init__(self, info: FeatureInfo, out_dim: int = 1, hidden: int = 0, dropout: float = 0.0):
+        super().__init__(info, out_dim, hidden, dropout)
 
     def target_shape(self, output: torch.Tensor) -> tuple[int, ...]:
         return (self.out_features,)
@@ -110,17 +112,18 @@ class FPNDecoder(nn.Module):
     """A light feature-pyramid decoder: lateral 1×1 convs, top-down sum, one 3×3 conv.
 
     It reads the maps whose stride is at least ``min_reduction`` (the stride-2 stem map is
-    usually skipped: it is large and adds little) and outputs ``channels`` maps at the finest
+    usually skipped: it is large and adds little), from the ``info`` of the task's features, and
+    outputs ``channels`` maps at the finest
     of those strides.
     """
 
-    def __init__(self, backbone: Backbone, channels: int = 64, min_reduction: int = 4) -> None:
+    def __init__(self, info: FeatureInfo, channels: int = 64, min_reduction: int = 4) -> None:
         super().__init__()
-        self.levels = [i for i, r in enumerate(backbone.reductions) if r >= min_reduction]
+        self.levels = [i for i, r in enumerate(info.reductions) if r >= min_reduction]
         if not self.levels:
-            self.levels = [len(backbone.reductions) - 1]
+            self.levels = [len(info.reductions) - 1]
         self.lateral = nn.ModuleList(
-            nn.Conv2d(backbone.channels[i], channels, kernel_size=1) for i in self.levels
+            nn.Conv2d(info.channels[i], channels, kernel_size=1) for i in self.levels
         )
         self.fuse = nn.Sequential(
             nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
@@ -140,9 +143,11 @@ class FPNDecoder(nn.Module):
 class DenseHead(Head):
     """A decoder, a 1×1 projection to ``out_features`` channels, upsampling to the input size."""
 
+    reads = "maps"
+
     def __init__(
         self,
-        backbone: Backbone,
+        info: FeatureInfo,
         out_features: int,
         decoder_channels: int = 64,
         min_reduction: int = 4,
@@ -151,7 +156,7 @@ class DenseHead(Head):
         if out_features <= 0:
             raise ConfigError(f"the head's output channels must be positive, got {out_features}")
         self.out_features = out_features
-        self.decoder = FPNDecoder(backbone, decoder_channels, min_reduction)
+        self.decoder = FPNDecoder(info, decoder_channels, min_reduction)
         self.project = nn.Conv2d(decoder_channels, out_features, kernel_size=1)
 
     def forward(self, features: Features, image_size: tuple[int, int]) -> torch.Tensor:
@@ -169,8 +174,8 @@ class SegmentationHead(DenseHead):
 
     metric_kind = "segmentation"
 
-    def __init__(self, backbone: Backbone, num_classes: int, **decoder: int) -> None:
-        super().__init__(backbone, num_classes, **decoder)
+    def __init__(self, info: FeatureInfo, num_classes: int, **decoder: int) -> None:
+        super().__init__(info, num_classes, **decoder)
 
     def target_shape(self, output: torch.Tensor) -> tuple[int, ...]:
         return tuple(output.shape[-2:])
@@ -194,9 +199,9 @@ class DenseRegressionHead(DenseHead):
     metric_kind = "dense_regression"
 
     def __init__(
-        self, backbone: Backbone, out_channels: int = 1, activation: str = "none", **decoder: int
+        self, info: FeatureInfo, out_channels: int = 1, activation: str = "none", **decoder: int
     ) -> None:
-        super().__init__(backbone, out_channels, **decoder)
+        super().__init__(info, out_channels, **decoder)
         if activation not in _ACTIVATIONS:
             raise ConfigError(
                 f"activation={activation!r} is not known; accepted values: {', '.join(_ACTIVATIONS)}"
@@ -216,8 +221,8 @@ class SurfaceNormalsHead(DenseHead):
 
     metric_kind = "normals"
 
-    def __init__(self, backbone: Backbone, **decoder: int) -> None:
-        super().__init__(backbone, 3, **decoder)
+    def __init__(self, info: FeatureInfo, **decoder: int) -> None:
+        super().__init__(info, 3, **decoder)
 
     def activate(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1)

@@ -69,14 +69,13 @@ def example_batch(datamodule: L.LightningDataModule) -> dict[str, Any]:
 
 
 @rank_zero_only
-def log_hyperparameters(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> None:
-    """Send the whole resolved config and the parameter counts to every logger."""
+def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Send the whole resolved config to every logger. (The parameter counts come from the
+    model report, after layer-wise training has frozen what it freezes.)"""
     if not trainer.loggers:
         return
     params = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(params, dict)
-    params["model/params/total"] = sum(p.numel() for p in model.parameters())
-    params["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
 

@@ -23,8 +23,9 @@ from lightning_mtl.weighting import (  # noqa: F401  (importing registers each m
     uncertainty,
 )
 from lightning_mtl.weighting.base import Combined, LossWeighting, StepContext, Weighting
-from lightning_mtl.weighting.gradient import GradientWeighting, task_gradients
-from lightning_mtl.weighting.registry import WEIGHTINGS, build_weighting
+from lightning_mtl.weighting.gradient import GradientWeighting
+from lightning_mtl.weighting.meetings import task_gradients
+from lightning_mtl.weighting.registry import WEIGHTINGS, build_balancer, build_weighting
 
 __all__ = [
     "WEIGHTINGS",
@@ -33,6 +34,7 @@ __all__ = [
     "LossWeighting",
     "StepContext",
     "Weighting",
+    "build_balancer",
     "build_weighting",
     "task_gradients",
 ]

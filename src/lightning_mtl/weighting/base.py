@@ -10,7 +10,8 @@ all-reduce, AMP scaling, clipping, accumulation and schedulers stay Lightning's)
   the batch is absent from the dict: it gets no weight, and a balancer must leave its state
   for that task untouched.
 * ``context``: what a method may need beyond the losses (the step, global loss values under
-  DDP, and for gradient-based methods the shared representation and shared parameters).
+  DDP, and for gradient-based methods the meeting places of the architecture: the shared
+  tensors and the shared parameters upstream of them).
 * ``weights``: the effective weight of each present task (detached), logged as
   ``train/weight/<task>``.
 
@@ -37,6 +38,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lightning_mtl.models.meeting import Meeting, MeetingPlace
+
 
 @dataclass
 class StepContext:
@@ -50,11 +53,9 @@ class StepContext:
 
     For gradient-based methods (``needs_gradients = True``):
 
-    * ``features``: the shared representation as the backbone produced it (attached to the
-      backbone's graph);
-    * ``representation``: the same tensors detached into leaves, which the heads consumed, so
-      task gradients with respect to them cost a backward pass through the heads only;
-    * ``shared_parameters``: the trainable shared (backbone) parameters;
+    * ``meetings``: the architecture's meeting places of this forward pass, in forward order
+      (:class:`~lightning_mtl.models.meeting.Meeting`: the shared tensors as produced, the
+      detached leaves the downstream modules read, the tasks and the shared parameters);
     * ``all_reduce``: sums a tensor over DDP ranks (``None`` outside DDP), ``world_size`` ranks,
       this one being ``rank``;
     * ``grad_scale``: the fp16 GradScaler's current scale (``None`` without a scaler).
@@ -63,9 +64,7 @@ class StepContext:
     step: int = 0
     epoch: int = 0
     global_losses: torch.Tensor | None = None
-    features: Sequence[torch.Tensor] = field(default_factory=list)
-    representation: Sequence[torch.Tensor] = field(default_factory=list)
-    shared_parameters: Sequence[torch.Tensor] = field(default_factory=list)
+    meetings: Sequence[Meeting] = field(default_factory=list)
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     world_size: int = 1
     rank: int = 0
@@ -74,10 +73,14 @@ class StepContext:
 
 @dataclass
 class Combined:
-    """The scalar to back-propagate and the detached weight of each present task."""
+    """The scalar to back-propagate and the detached weight of each present task.
+
+    With several meeting places, ``weights`` holds each task's weight at the first place it
+    meets and ``places`` every place's weights (``{place: {task: w}}``; empty otherwise)."""
 
     loss: torch.Tensor
     weights: dict[str, torch.Tensor]
+    places: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Weighting(nn.Module):
@@ -102,9 +105,10 @@ class Weighting(nn.Module):
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         raise NotImplementedError
 
-    def prepare(self, backbone: nn.Module | None, world_size: int = 1) -> None:
-        """Called before each training step's forward pass (None at the end of fit); a method
-        that hooks the backbone (params-level gradient methods) does it here. Default: nothing."""
+    def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
+        """Called before each training step's forward pass with the architecture's meeting
+        places (None at the end of fit); a method that hooks the modules upstream of them
+        (params-level gradient methods) does it here. Default: nothing."""
 
     @staticmethod
     def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:
@@ -164,3 +168,21 @@ class LossWeighting(Weighting):
             total = total + weights[position[i]] * losses[name].float()
         shown = {self.tasks[i]: weights[j] for j, i in enumerate(present)}
         return Combined(total, shown)
+
+
+def global_loss_values(
+    losses: Mapping[str, torch.Tensor],
+    tasks: Sequence[str],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Each task's loss averaged over the DDP ranks that labelled it (NaN where none did), in
+    ``tasks`` order: ``StepContext.global_losses``. One all-reduce of 2k numbers (the k loss
+    sums and the k counts of ranks)."""
+    stats = torch.zeros(2, len(tasks), device=device)
+    for i, task in enumerate(tasks):
+        if task in losses:
+            stats[0, i] = losses[task].detach().float()
+            stats[1, i] = 1.0
+    stats = all_reduce(stats)
+    return torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), torch.nan)

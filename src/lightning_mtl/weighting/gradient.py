@@ -2,19 +2,24 @@
 
 Most gradient-balancing rules (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad,
 DualProj, GradVac, FairGrad, ConFIG) combine the task gradients gᵢ into ``d = Σ wᵢ gᵢ`` with
-weights that depend only on the k×k Gram matrix ``G = J Jᵀ`` of the task Jacobian J. One step:
+weights that depend only on the k×k Gram matrix ``G = J Jᵀ`` of the task Jacobian J. Where the
+gradients are taken is the architecture's *meeting places* (:mod:`lightning_mtl.models.meeting`):
+tensors z that several tasks' losses flow through, with the shared parameters θ just upstream.
+Hard sharing has one (the backbone's output); a branching tree one per node. One step:
 
-1. the heads run on the shared representation z *detached into leaves* z', so each task
-   gradient ``∂Lᵢ/∂z'`` costs a backward pass through the heads only (``autograd.grad``);
-2. G comes from those gradients (``level=representation``, the MGDA-UB trick of Sener &
-   Koltun 2018) or from the gradients of the shared parameters θ (``level=params``: one more
-   backward pass per task through the backbone, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``, batched by
+1. the modules downstream of each place read z *detached into leaves* z', so each task
+   gradient ``∂Lᵢ/∂z'`` costs a backward pass through those modules only (``autograd.grad``);
+   across nested places the chain rule runs through the cuts (:func:`balance`);
+2. at each place, G comes from those gradients (``level=representation``, the MGDA-UB trick of
+   Sener & Koltun 2018) or from the gradients of the place's shared parameters θ
+   (``level=params``: one more backward pass per task, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``, batched by
    torchjd's autogram engine so that only G, never the k×D Jacobian, is formed);
 3. ``w = rule(G)`` (detached; under DDP G is global, so every rank gets the same w);
-4. the step returns ``Σ Lᵢ(z') + ⟨z, Σ wᵢ ∂Lᵢ/∂z'⟩ − (the same, detached)``. Lightning's one
-   backward then gives every head exactly its own task's gradient and the backbone exactly
-   ``Σ wᵢ ∂Lᵢ/∂θ = Jᵀw``, the aggregated gradient, at either level; the extra term is zero in
-   value. DDP's all-reduce, AMP scaling, clipping, accumulation and schedulers stay Lightning's.
+4. the step returns ``Σ Lᵢ + Σ_places (⟨z, Σ wᵢ ∂Lᵢ/∂z'⟩ − the same, detached)``. Lightning's one
+   backward then gives every head exactly its own task's gradient and each place's parameters
+   exactly ``Σ wᵢ ∂Lᵢ/∂θ = Jᵀw``, the aggregated gradient, at either level; the extra terms are
+   zero in value. DDP's all-reduce, AMP scaling, clipping, accumulation and schedulers stay
+   Lightning's.
 
 Cost per step, for k tasks: k backward passes through the heads and one through the backbone
 (representation level), plus k through the backbone (params level). Memory: the k×|z| task
@@ -39,43 +44,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from lightning_mtl.errors import ConfigError
+from lightning_mtl.models.meeting import LEVELS, Meeting, MeetingPlace
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
+from lightning_mtl.weighting.meetings import balance, check_gradient_step, split_like, surrogate
 from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 log = logging.getLogger(__name__)
-
-LEVELS = ("representation", "params")
-
-
-def task_gradients(
-    losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], scale: float | None = None
-) -> torch.Tensor:
-    """The m×n matrix of each loss's gradient with respect to ``inputs`` (flattened, float32).
-
-    With a GradScaler ``scale``, gradients are taken of ``scale·L`` and divided back in float32,
-    as fp16 training needs to avoid underflow. Inputs a loss does not reach get zeros.
-    """
-    rows = []
-    for loss in losses:
-        scaled = loss * scale if scale is not None else loss
-        grads = torch.autograd.grad(scaled, list(inputs), retain_graph=True, allow_unused=True)
-        flat = [
-            (g if g is not None else torch.zeros_like(x)).reshape(-1).float()
-            for g, x in zip(grads, inputs, strict=True)
-        ]
-        row = torch.cat(flat)
-        rows.append(row / scale if scale is not None else row)
-    if not rows:
-        n = sum(x.numel() for x in inputs)
-        return torch.zeros(0, n, device=inputs[0].device if inputs else None)
-    return torch.stack(rows)
 
 
 def step_generator_seed(seed: int, step: int, *more: int) -> int:
@@ -112,14 +91,36 @@ class GradientWeighting(Weighting):
         #: the global k×k Gram matrix of the last step (zero rows for tasks no rank labelled)
         self.last_gram: torch.Tensor | None = None
         self._warned_nonfinite = False
-        self._gramian = SharedGramian()
+        self._warned_inactive: set[str] = set()
+        #: one params-level Gram engine per meeting place (by name)
+        self._gramians: dict[str, SharedGramian] = {}
 
-    def prepare(self, backbone: nn.Module | None, world_size: int = 1) -> None:
-        """At the params level of a single process, hook ``backbone`` so that G comes without
-        the k×D Jacobian (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks it.
-        Without this call (or under DDP) the params level forms the Jacobian."""
-        use = self.level == "params" and world_size == 1
-        self._gramian.prepare(backbone if use else None)
+    def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
+        """Before a step's forward pass, at the params level of a single process: hook each
+        place's modules so that G comes without the k×D Jacobian
+        (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks them all. Without this
+        call (or under DDP) the params level forms the Jacobian."""
+        for gramian in self._gramians.values():
+            gramian.close()
+        if places is None or self.level != "params" or world_size != 1:
+            return
+        for place in places:
+            self._gramians.setdefault(place.name, SharedGramian()).prepare(place)
+
+    def warn_inactive(self, place: MeetingPlace, why: str) -> None:
+        """Once per place: it has nothing to balance (see :func:`balance`)."""
+        if place.name in self._warned_inactive:
+            return
+        self._warned_inactive.add(place.name)
+        log.warning(
+            "%s: meeting place %r (tasks %s) is skipped: %s, so no shared parameter there "
+            "takes its tasks' combined gradient; their heads still train. This stays so while "
+            "it is frozen.",
+            type(self).__name__,
+            place.name,
+            ", ".join(place.tasks),
+            why,
+        )
 
     # ---------------------------------------------------------------------------- the rule
     def gram_weights(
@@ -151,31 +152,43 @@ class GradientWeighting(Weighting):
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None
     ) -> Combined:
-        # Unlike loss-based methods, this runs with no local loss too: under DDP the rank must
-        # join the all-reduce, and its backbone must still receive a (zero) gradient.
-        unknown = set(losses) - set(self.index)
-        if unknown:
-            raise KeyError(f"losses for unknown tasks {sorted(unknown)}; known: {self.tasks}")
-        context = context or StepContext()
-        if not context.representation:
-            raise ValueError(
-                f"{type(self).__name__} needs context.representation and context.features "
-                "(the shared representation detached and attached); see GradientWeighting"
-            )
-        return self.combine(losses, context)
+        return self.combine(losses, check_gradient_step(self, losses, context))
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
+        """This rule at every meeting of ``context`` (one state shared by all of them; the
+        Lightning module gives each meeting place its own rule, see ``places.py``)."""
+        return balance(losses, context, lambda place: self)
+
+    def meet(
+        self,
+        meeting: Meeting,
+        grads: Mapping[str, torch.Tensor],
+        losses: Mapping[str, torch.Tensor],
+        context: StepContext,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The rule at one meeting: G of its tasks (global under DDP), the weights, and the term
+        (zero in value) that sends ``Σ wᵢ gᵢ`` into the meeting's tensors.
+
+        ``grads``: this rank's gradient of each of the place's tasks with a local loss, with
+        respect to ``meeting.leaves`` (flat, float32). Tasks outside the place are absent here.
+        Returns the term and the weight of each task present at the place on any rank.
+        """
         k = len(self.tasks)
-        names = [name for name in self.tasks if name in losses]
+        names = [name for name in self.tasks if name in grads]
         local = [self.index[name] for name in names]
         scale = context.grad_scale
-        rows = task_gradients([losses[n] for n in names], context.representation, scale)
-        device = rows.device
+        device = meeting.leaves[0].device
+        width = sum(leaf.numel() for leaf in meeting.leaves)
+        rows = (
+            torch.stack([grads[n] for n in names])
+            if names
+            else torch.zeros(0, width, device=device)
+        )
         stats = torch.zeros(2, k, device=device)
         for i, name in zip(local, names, strict=True):
             stats[0, i] = losses[name].detach().float()
             stats[1, i] = 1.0
-        gram = self._global_gram(rows, local, stats, context)
+        gram = self._global_gram(rows, local, stats, meeting, context)
         present = [i for i in range(k) if stats[1, i] > 0]
         loss_values = stats[0, present] / stats[1, present]
         self.last_gram = gram.detach()
@@ -201,34 +214,46 @@ class GradientWeighting(Weighting):
         position = {task: j for j, task in enumerate(present)}
         local_weights = weights[[position[i] for i in local]] if local else weights[:0]
         direction = self.representation_direction(rows, local_weights, local, context)
-        total = self._surrogate(direction, context)
-        for name in names:
-            total = total + losses[name]
+        total = surrogate(direction, meeting)
         if finite:
             extra = self.extra_loss(sub, present, loss_values.double(), context)
             if extra is not None:
                 total = total + (extra - extra.detach())
-        else:  # the rule's own parameters (GradNorm) get a zero gradient, not a NaN one
-            for parameter in self.parameters():
-                total = total + parameter.sum() * 0.0
+        else:
+            total = total + self.zero_term()
         shown = {self.tasks[i]: weights[j].detach() for j, i in enumerate(present)}
-        return Combined(total, shown)
+        return total, shown
+
+    def zero_term(self) -> torch.Tensor:
+        """Zero, with a (zero) gradient for the rule's own parameters (GradNorm's weights), so
+        that DDP sees them used on a step that does not train them."""
+        total = torch.zeros(())
+        for parameter in self.parameters():
+            total = total.to(parameter.device) + parameter.sum() * 0.0
+        return total
 
     def _global_gram(
-        self, rows: torch.Tensor, local: list[int], stats: torch.Tensor, context: StepContext
+        self,
+        rows: torch.Tensor,
+        local: list[int],
+        stats: torch.Tensor,
+        meeting: Meeting,
+        context: StepContext,
     ) -> torch.Tensor:
         """The k×k Gram matrix of the global batch; ``stats`` is summed over ranks in place."""
         k = len(self.tasks)
         if self.level == "params":
-            self._check_trainable(context)
             if context.all_reduce is None:
-                local_gram = self._gramian.gramian(rows, context.features, context.grad_scale)
+                gramian = self._gramians.get(meeting.place.name)
+                local_gram = (
+                    gramian.gramian(rows, meeting.tensors, context.grad_scale) if gramian else None
+                )
                 if local_gram is not None:
                     gram = rows.new_zeros(k, k)
                     index = torch.tensor(local, dtype=torch.long, device=gram.device)
                     gram[index[:, None], index[None, :]] = local_gram.to(gram)
                     return gram
-            jacobian = self._parameter_jacobian(rows, local, context)
+            jacobian = self._parameter_jacobian(rows, local, meeting, context)
             if context.all_reduce is not None:
                 jacobian = _reduce_with(jacobian, stats, context) / context.world_size
             return jacobian @ jacobian.T
@@ -240,18 +265,18 @@ class GradientWeighting(Weighting):
         return gram
 
     def _parameter_jacobian(
-        self, rows: torch.Tensor, local: list[int], context: StepContext
+        self, rows: torch.Tensor, local: list[int], meeting: Meeting, context: StepContext
     ) -> torch.Tensor:
-        """The k×D Jacobian of the shared parameters: ``(∂z/∂θ)ᵀ ∂Lᵢ/∂z`` per task."""
-        params = [p for p in context.shared_parameters if p.requires_grad]
-        features = list(context.features)
+        """The k×D Jacobian of the place's shared parameters: ``(∂z/∂θ)ᵀ ∂Lᵢ/∂z`` per task."""
+        params = meeting.place.trainable_parameters()
+        tensors = meeting.tensors
         scale = context.grad_scale or 1.0
         jacobian = rows.new_zeros(len(self.tasks), sum(p.numel() for p in params))
         for row, i in zip(rows, local, strict=True):
-            outputs = _split_like(row * scale, features)
-            used = [(f, g) for f, g in zip(features, outputs, strict=True) if f.requires_grad]
+            outputs = split_like(row * scale, tensors)
+            used = [(t, g) for t, g in zip(tensors, outputs, strict=True) if t.requires_grad]
             grads = torch.autograd.grad(
-                [f for f, _ in used],
+                [t for t, _ in used],
                 params,
                 grad_outputs=[g for _, g in used],
                 retain_graph=True,
@@ -264,49 +289,6 @@ class GradientWeighting(Weighting):
             jacobian[i] = torch.cat(flat) / scale
         return jacobian
 
-    @staticmethod
-    def _check_trainable(context: StepContext) -> None:
-        if not any(p.requires_grad for p in context.shared_parameters):
-            raise ConfigError(
-                "weighting.level=params needs trainable shared parameters, but the backbone is "
-                "frozen; use weighting.level=representation"
-            )
-
-    def _surrogate(self, direction: torch.Tensor, context: StepContext) -> torch.Tensor:
-        """Zero in value; its backward sends ``d`` into the backbone (as ``⟨z, d⟩`` would).
-
-        Every feature tensor appears (with a zero direction where no head read it), so DDP with
-        ``find_unused_parameters=False`` sees a gradient for every backbone parameter.
-        """
-        features = list(context.features)
-        parts = _split_like(direction, features, keep_dtype=True)
-        total = direction.new_zeros(())
-        for feature, part in zip(features, parts, strict=True):
-            if feature.requires_grad:
-                total = total + _InjectGradient.apply(feature, part.detach())
-        return total
-
-
-class _InjectGradient(torch.autograd.Function):
-    """Exactly zero in value (even for a NaN direction, so the logged loss stays finite on a
-    step the GradScaler skips); its backward sends ``grad · direction`` into ``feature``.
-
-    The product is formed in float32 and only then cast to the feature's dtype: an fp16 copy of
-    the unscaled direction could underflow, the scaled gradient that fp16 features receive
-    does not.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, feature: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(direction)
-        ctx.dtype = feature.dtype
-        return direction.new_zeros(())
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (direction,) = ctx.saved_tensors
-        return (grad.float() * direction.float()).to(ctx.dtype), None
-
 
 def _reduce_with(tensor: torch.Tensor, stats: torch.Tensor, context: StepContext) -> torch.Tensor:
     """``tensor`` summed over the DDP ranks, in one all-reduce with ``stats`` (summed in place)."""
@@ -314,17 +296,3 @@ def _reduce_with(tensor: torch.Tensor, stats: torch.Tensor, context: StepContext
     packed = context.all_reduce(torch.cat([tensor.flatten(), stats.flatten()]))
     stats.copy_(packed[tensor.numel() :].view_as(stats))
     return packed[: tensor.numel()].view_as(tensor)
-
-
-def _split_like(
-    vector: torch.Tensor, tensors: Sequence[torch.Tensor], keep_dtype: bool = False
-) -> list[torch.Tensor]:
-    """Cut a flat vector into pieces shaped like ``tensors`` (and typed like them, unless
-    ``keep_dtype``)."""
-    if vector.numel() == 0:
-        return [torch.zeros(t.shape, device=t.device, dtype=vector.dtype) for t in tensors]
-    pieces = torch.split(vector, [t.numel() for t in tensors])
-    return [
-        p.view(t.shape) if keep_dtype else p.view(t.shape).to(t.dtype)
-        for p, t in zip(pieces, tensors, strict=True)
-    ]

@@ -3,23 +3,73 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lightning_mtl.errors import ConfigError
+from lightning_mtl.models.meeting import MeetingPlace
 from lightning_mtl.registry import Registry
 from lightning_mtl.weighting.base import Weighting
+
+log = logging.getLogger(__name__)
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting method")
 
 
 def build_weighting(
-    name: str, tasks: Sequence[str], task_weights: Mapping[str, float] | None = None, **kwargs: Any
+    name: str,
+    tasks: Sequence[str],
+    task_weights: Mapping[str, float] | None = None,
+    places: Sequence[MeetingPlace] | None = None,
+    **kwargs: Any,
 ) -> Weighting:
     """Create the weighting ``name`` for ``tasks``.
 
     ``task_weights`` (each task's ``weight:``) is passed to methods that accept it (``static``).
+    A gradient method on an architecture with several meeting ``places`` gets one instance per
+    place (:class:`~lightning_mtl.weighting.places.PlaceBalancer`).
     """
     factory = WEIGHTINGS.get(name, "weighting.name")
     if "task_weights" in inspect.signature(factory).parameters:
         kwargs["task_weights"] = dict(task_weights or {})
-    return WEIGHTINGS.build(name, "weighting", list(tasks), **kwargs)
+
+    def make() -> Any:
+        return WEIGHTINGS.build(name, "weighting", list(tasks), **kwargs)
+
+    if getattr(factory, "needs_gradients", False) and places is not None and len(places) > 1:
+        from lightning_mtl.weighting.places import PlaceBalancer
+
+        return PlaceBalancer(tasks, places, make)
+    return make()
+
+
+def build_balancer(
+    config: Mapping[str, Any],
+    tasks: Sequence[Any],
+    places: Sequence[MeetingPlace],
+    check_level: Callable[[str, str], None],
+) -> Weighting:
+    """The balancer of a ``weighting:`` block for ``tasks`` (``TaskSpec``s) on an architecture
+    with ``places``; a gradient method's level must be one ``check_level`` accepts."""
+    config = dict(config)
+    if "name" not in config:
+        raise ConfigError("weighting.name is missing (e.g. weighting=equal on the command line)")
+    name = config.pop("name")
+    custom = {t.name: t.weight for t in tasks if t.weight != 1.0}
+    if custom and name != "static":
+        log.warning(
+            "tasks.<name>.weight %s is read only by weighting=static; weighting=%s ignores it",
+            custom,
+            name,
+        )
+    balancer = build_weighting(
+        name,
+        [task.name for task in tasks],
+        task_weights={task.name: task.weight for task in tasks},
+        places=places,
+        **config,
+    )
+    if balancer.needs_gradients:
+        check_level(balancer.level, name)
+    return balancer

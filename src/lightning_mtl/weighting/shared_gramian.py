@@ -7,9 +7,9 @@ Optimization, Quinton & Rey 2024, Algorithm 3) sums the Gram matrix module by mo
 batched backward pass, so only one module's k×|θ_m| block exists at a time. Same backward cost as
 k separate passes; memory k·max|θ_m| instead of k·D.
 
-The engine hooks the backbone's modules and records the forward passes, so it must exist
-*before* the step's forward: :meth:`prepare` hooks the backbone at the start of each training
-step (with its trainable parameters of that moment, so freezing and gradual unfreezing are
+The engine hooks the modules upstream of a meeting place (the backbone, for hard sharing) and
+records the forward passes, so it must exist *before* the step's forward: :meth:`prepare` hooks
+them at the start of each training step (with its trainable parameters of that moment, so freezing and gradual unfreezing are
 followed) and the hooks are removed as soon as G is formed. Between steps the backbone carries no
 hook: validation, callbacks and ``copy.deepcopy`` see a plain module. ``batch_dim=None``:
 BatchNorm mixes the samples of a batch, which the engine's batched mode forbids. Under mixed
@@ -31,8 +31,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from torchjd.autogram import Engine
+
+from lightning_mtl.models.meeting import MeetingPlace
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +56,26 @@ class SharedGramian:
     def active(self) -> bool:
         return self._engine is not None
 
-    def prepare(self, backbone: nn.Module | None) -> None:
-        """Hook ``backbone``'s modules that have trainable parameters; None only unhooks.
+    def prepare(self, place: MeetingPlace | None) -> None:
+        """Hook the modules (and submodules) of ``place`` that have trainable parameters; None
+        only unhooks. A place with trainable parameters outside its modules is not served.
 
         Under autocast (``16-mixed``, ``bf16-mixed``) nothing is hooked: torchjd 0.18's engine
         multiplies the half-precision module Jacobians with float32 ones and fails, so the
         caller forms the Jacobian instead.
         """
         self.close()
-        trainable = [p for p in backbone.parameters() if p.requires_grad] if backbone else []
-        if not trainable or self.disabled:
+        modules = list(place.modules) if place is not None else []
+        trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+        loose = place is not None and any(p.requires_grad for p in place.extra_parameters)
+        if not trainable or self.disabled or loose:
             return
         if torch.is_autocast_enabled(trainable[0].device.type):
             if not self._warned_autocast:
                 log.info("mixed precision: the params-level Gram matrix comes from the Jacobian")
                 self._warned_autocast = True
             return
-        self._engine = Engine(backbone, batch_dim=None)
+        self._engine = Engine(*modules, batch_dim=None)
         self._parameters = trainable
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ A source dataset is a map-style ``torch.utils.data.Dataset`` built as
 ``Dataset(root=..., split="train"|"val"|"test", image_size=..., **its own options)``; item ``i``
 is a dict::
 
-    {"image": float32 C×H×W (normalised),
+    {"image": float32 C×H×W (normalised, see below),
      "targets": {target_key: tensor},     # only the keys this dataset labels
      "mask": {target_key: bool scalar}}   # False where this sample's label is missing
 
@@ -14,6 +14,12 @@ targets) and ``num_labels`` (dict, for multi-label targets). A dataset checks it
 built (layout, counts, column numbers) and raises :class:`~lightning_mtl.errors.DataError`
 naming the path, the problem, the expected layout and where to get the data; a file that turns
 out corrupt when read raises the same error naming that file.
+
+Normalisation and input size follow the backbone (``data/inputs.py``): a source that takes
+``inputs`` (an :class:`~lightning_mtl.data.inputs.InputConfig`) and ``normalization`` keywords
+receives the backbone's config from the data module, normalises with the statistics its
+``normalization`` setting resolves to, and reads ``image_size: backbone`` as the backbone's
+(H, W). No statistics are hard-coded here.
 """
 
 from __future__ import annotations
@@ -41,10 +47,6 @@ class SourceDataset(Dataset[dict[str, Any]]):
     num_labels: dict[str, int] = {}
 
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
 def check_split(split: str, accepted: Sequence[str], dataset: str) -> str:
     if split not in accepted:
         raise DataError(f"{dataset}: split={split!r} is not one of {', '.join(accepted)}")
@@ -58,11 +60,6 @@ def require(path: Path, dataset: str, layout: str, source: str) -> Path:
             f"{dataset}: {path} not found.\nExpected layout:\n{layout}\nGet the data: {source}"
         )
     return path
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """A 3×H×W image in [0, 1], normalised with the ImageNet statistics timm backbones expect."""
-    return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:

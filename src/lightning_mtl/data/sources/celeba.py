@@ -31,6 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    NormalizationSpec,
+    resolve_image_size,
+    resolve_normalization,
+)
 from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
@@ -59,9 +65,13 @@ class CelebA(SourceDataset):
     Args:
         root: the folder holding ``img_align_celeba/`` and the two annotation lists.
         split: ``train``, ``val`` or ``test``, as in ``list_eval_partition.txt``.
-        image_size: output size (int or (H, W)); the crops are 218×178, None keeps that.
+        image_size: output size (int or (H, W)); the crops are 218×178, None keeps that;
+            ``backbone``: the backbone's input size (from ``inputs``).
         attributes: attribute names to keep (subset, in this order); None keeps all 40.
         target: the target key of the multi-label vector in the sample.
+        normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
+            :mod:`lightning_mtl.data.inputs`.
+        inputs: the backbone's input config, passed by the data module (None: used alone).
     """
 
     target_names: tuple[str, ...] = ("attributes",)
@@ -72,13 +82,16 @@ class CelebA(SourceDataset):
         self,
         root: str | Path,
         split: str = "train",
-        image_size: int | Sequence[int] | None = 64,
+        image_size: int | Sequence[int] | str | None = 64,
         attributes: Sequence[str] | None = None,
         target: str = "attributes",
+        normalization: NormalizationSpec = "backbone",
+        inputs: InputConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split, SPLITS, NAME)
-        self.size = as_size(image_size)
+        self.size = as_size(resolve_image_size(image_size, inputs, NAME))
+        self.normalization = resolve_normalization(normalization, inputs, NAME)
         self.target = target
         image_dir = require(self.root / "img_align_celeba", NAME, LAYOUT, SOURCE)
         attr_file = require(self.root / "list_attr_celeba.txt", NAME, LAYOUT, SOURCE)
@@ -103,7 +116,7 @@ class CelebA(SourceDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image(self.image_dir / self.files[index], self.size, NAME)
+        image = load_image(self.image_dir / self.files[index], self.size, NAME, self.normalization)
         return make_sample(image, {self.target: torch.from_numpy(self.labels[index].copy())})
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from lightning_mtl.data.inputs import InputConfig, NormalizationSpec
 from lightning_mtl.data.sources.npy_folders import NpyFolderDataset, NpyTarget
 from lightning_mtl.errors import DataError
 
@@ -46,7 +47,7 @@ class Cityscapes(NpyFolderDataset):
 
     ``num_classes`` selects the 7-class (``label_7``) or 19-class (``label_19``) labels; any
     other value is a :class:`~lightning_mtl.errors.DataError`. ``image_size``, ``targets``,
-    ``augment`` and ``seed`` work as in :class:`~lightning_mtl.data.sources.nyuv2.NYUv2`.
+    ``augment``, ``seed``, ``normalization`` and ``inputs`` work as in :class:`~lightning_mtl.data.sources.nyuv2.NYUv2`.
     """
 
     dataset_name: ClassVar[str] = "Cityscapes"
@@ -59,11 +60,13 @@ class Cityscapes(NpyFolderDataset):
         self,
         root: str | Path,
         split: str = "train",
-        image_size: int | Sequence[int] | None = None,
+        image_size: int | Sequence[int] | str | None = None,
         targets: Sequence[str] | None = None,
         num_classes: int = 7,
         augment: bool = False,
         seed: int = 0,
+        normalization: NormalizationSpec = "backbone",
+        inputs: InputConfig | None = None,
     ) -> None:
         if num_classes not in LABEL_FOLDERS:
             raise DataError(
@@ -72,7 +75,16 @@ class Cityscapes(NpyFolderDataset):
                 f"({', '.join(LABEL_FOLDERS.values())})"
             )
         self.num_classes = {"segmentation": int(num_classes)}
-        super().__init__(root, split, image_size, targets, augment, seed)
+        super().__init__(
+            root,
+            split,
+            image_size,
+            targets,
+            augment,
+            seed,
+            normalization=normalization,
+            inputs=inputs,
+        )
 
     def target_specs(self) -> dict[str, NpyTarget]:
         classes = self.num_classes["segmentation"]

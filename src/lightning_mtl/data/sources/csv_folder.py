@@ -42,6 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    NormalizationSpec,
+    resolve_image_size,
+    resolve_normalization,
+)
 from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
@@ -94,9 +100,13 @@ class CsvImageFolder(SourceDataset):
             column: header (default: key)}}``; a bare kind string works for regression.
         split_column: the header of the split column; used when present in the CSV, else (or
             when None) the rows are split by ``seed`` and ``split_fractions``.
-        image_size: output size (int or (H, W)); None keeps each file's size (not batchable).
+        image_size: output size (int or (H, W)); None keeps each file's size (not batchable);
+            ``backbone``: the backbone's input size (from ``inputs``).
         split_fractions: train/val/test fractions of the rows when there is no split column.
         seed: the seed of that split.
+        normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
+            :mod:`lightning_mtl.data.inputs`.
+        inputs: the backbone's input config, passed by the data module (None: used alone).
     """
 
     def __init__(
@@ -107,13 +117,16 @@ class CsvImageFolder(SourceDataset):
         image_column: str = "image",
         columns: Mapping[str, Mapping[str, Any] | str] | None = None,
         split_column: str | None = "split",
-        image_size: int | Sequence[int] | None = 64,
+        image_size: int | Sequence[int] | str | None = 64,
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
         seed: int = 0,
+        normalization: NormalizationSpec = "backbone",
+        inputs: InputConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split, SPLITS, NAME)
-        self.size = as_size(image_size)
+        self.size = as_size(resolve_image_size(image_size, inputs, NAME))
+        self.normalization = resolve_normalization(normalization, inputs, NAME)
         self.targets = parse_columns(columns)
         fractions = check_fractions(split_fractions, NAME)
         require(self.root, NAME, LAYOUT, SOURCE)
@@ -137,7 +150,7 @@ class CsvImageFolder(SourceDataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image(self.images[index], self.size, NAME)
+        image = load_image(self.images[index], self.size, NAME, self.normalization)
         targets = {key: torch.from_numpy(np.array(v[index])) for key, v in self.values.items()}
         present = {key: bool(p[index]) for key, p in self.present.items()}
         return make_sample(image, targets, present)

@@ -3,7 +3,7 @@
 The image sources (CelebA, Office-31/Office-Home, a CSV over an image folder) all store plain
 JPEG/PNG files, so they share one reader: decode with PIL, force 3 channels (grey and
 palette/RGBA files exist in these datasets), resize to ``image_size`` and normalise with the
-ImageNet statistics. A file PIL cannot open or decode (truncated download, a zero-byte file, an
+statistics the source resolved (the backbone's by default, see ``data/inputs.py``). A file PIL cannot open or decode (truncated download, a zero-byte file, an
 HTML error page saved as ``.jpg``) is reported as a :class:`DataError` naming that file, instead
 of an ``OSError`` from deep inside a data loader worker with no hint which sample broke.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_mtl.data.sources.base import normalize, resize_image
+from lightning_mtl.data.inputs import FALLBACK_NORMALIZATION, Normalization
+from lightning_mtl.data.sources.base import resize_image
 from lightning_mtl.errors import DataError
 
 # Suffixes read as images when a dataset lists a folder (compared lower-case).
@@ -28,10 +29,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_image(path: Path, size: tuple[int, int] | None, dataset: str) -> torch.Tensor:
+def load_image(
+    path: Path,
+    size: tuple[int, int] | None,
+    dataset: str,
+    normalization: Normalization | None = None,
+) -> torch.Tensor:
     """The image at ``path`` as a normalised float32 3×H×W tensor of size ``size`` (H, W).
 
-    ``size=None`` keeps the file's own size. For JPEG files PIL is first asked for a reduced
+    ``normalization``: the source's statistics; None, only for a reader with no backbone in
+    sight, uses :data:`~lightning_mtl.data.inputs.FALLBACK_NORMALIZATION`. ``size=None``
+    keeps the file's own size. For JPEG files PIL is first asked for a reduced
     decode (``draft``) no smaller than ``size``, which makes large photos (Office-31's DSLR
     images are 1000×1000) several times cheaper to read and softens the aliasing of the
     bilinear downscale that follows. Raises :class:`DataError` naming the file when it is
@@ -51,4 +59,4 @@ def load_image(path: Path, size: tuple[int, int] | None, dataset: str) -> torch.
         ) from error
     # H×W×3 uint8 -> 3×H×W float in [0, 1]; copy() because np.asarray of a PIL image is read-only.
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-    return normalize(resize_image(tensor, size))
+    return (normalization or FALLBACK_NORMALIZATION)(resize_image(tensor, size))

@@ -23,8 +23,9 @@ kind          on disk -> sample                      resize to ``image_size``
 ``normals``   H×W×3 (0-vector = missing) -> 3×H×W     bilinear, then back to unit length
 ============  =====================================  ==========================================
 
-The image is resized bilinearly and normalised with the ImageNet statistics
-(:func:`~lightning_mtl.data.sources.base.normalize`).
+The image is resized bilinearly and normalised with the statistics ``normalization`` resolves
+to: the backbone's by default (see :mod:`lightning_mtl.data.inputs`). ``image_size`` keeps the
+native size by default; ``backbone`` resizes to the backbone's input size.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    NormalizationSpec,
+    resolve_image_size,
+    resolve_normalization,
+)
 from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
     as_size,
     check_split,
     make_sample,
-    normalize,
     require,
     resize_dense,
     resize_image,
@@ -87,6 +93,8 @@ class NpyFolderDataset(SourceDataset):
     for the others so one config can build every split) flips a sample horizontally with
     probability 1/2, drawn from ``numpy.random.default_rng((seed, index))``: the draw is
     deterministic, so a given sample is flipped, or not, in every epoch and in every worker.
+    ``normalization`` (``backbone`` or ``{mean, std}``) and ``inputs`` (the backbone's input
+    config, passed by the data module) work as for every source (:mod:`lightning_mtl.data.inputs`).
     """
 
     dataset_name: ClassVar[str] = "npy folders"
@@ -98,14 +106,17 @@ class NpyFolderDataset(SourceDataset):
         self,
         root: str | Path,
         split: str = "train",
-        image_size: int | Sequence[int] | None = None,
+        image_size: int | Sequence[int] | str | None = None,
         targets: Sequence[str] | None = None,
         augment: bool = False,
         seed: int = 0,
+        normalization: NormalizationSpec = "backbone",
+        inputs: InputConfig | None = None,
     ) -> None:
         name = self.dataset_name
         self.split = check_split(split, SPLITS, name)
-        self.image_size = self._check_size(image_size)
+        self.image_size = self._check_size(resolve_image_size(image_size, inputs, name))
+        self.normalization = resolve_normalization(normalization, inputs, name)
         self.augment = bool(augment) and self.split == "train"
         self.seed = int(seed)
         if self.seed < 0:
@@ -132,8 +143,8 @@ class NpyFolderDataset(SourceDataset):
             size = as_size(image_size)
         except (TypeError, ValueError) as err:
             raise DataError(
-                f"{self.dataset_name}: image_size={image_size!r} must be null, an int or "
-                "[height, width]"
+                f"{self.dataset_name}: image_size={image_size!r} must be null, an int, "
+                "[height, width] or backbone"
             ) from err
         if size is not None and min(size) <= 0:
             raise DataError(
@@ -214,7 +225,7 @@ class NpyFolderDataset(SourceDataset):
         if self.augment and np.random.default_rng((self.seed, index)).random() < 0.5:
             image_t = image_t.flip(-1)
             targets = {key: self._flip(self.specs[key], t) for key, t in targets.items()}
-        return make_sample(normalize(image_t), targets)
+        return make_sample(self.normalization(image_t), targets)
 
     def _read_target(self, spec: NpyTarget, path: Path, size: tuple[int, int]) -> torch.Tensor:
         """Load, check and decode one target file, resized to ``image_size``."""

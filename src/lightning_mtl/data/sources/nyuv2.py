@@ -41,8 +41,8 @@ NYUV2_LAYOUT = """\
 class NYUv2(NpyFolderDataset):
     """NYUv2 from ``root`` (MTAN's preprocessed release): segmentation, depth and normals.
 
-    ``image_size`` (an int, ``[height, width]`` or None for the native 288×384) resizes every
-    array as its values allow (see :mod:`~lightning_mtl.data.sources.npy_folders`).
+    ``image_size`` (an int, ``[height, width]``, ``backbone`` for the backbone's input size, or
+    None for the native 288×384) resizes every array as its values allow (see :mod:`~lightning_mtl.data.sources.npy_folders`).
     ``targets`` loads a subset of ``target_names``. ``augment`` (train split only) flips half
     the samples horizontally, negating the normals' x component; the choice is drawn from
     ``numpy.random.default_rng((seed, index))`` and so is the same in every epoch.

@@ -37,6 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mtl.data.inputs import (
+    InputConfig,
+    NormalizationSpec,
+    resolve_image_size,
+    resolve_normalization,
+)
 from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
@@ -79,11 +85,15 @@ class OfficeDomain(SourceDataset):
         domain: the domain folder name (``amazon``, ``Art``, ...); other folders with the same
             layout work too.
         split: ``train``, ``val`` or ``test`` of the seeded per-class split.
-        image_size: output size (int or (H, W)); None keeps each file's size (not batchable).
+        image_size: output size (int or (H, W)); None keeps each file's size (not batchable);
+            ``backbone``: the backbone's input size (from ``inputs``).
         split_fractions: train/val/test fractions of each class, summing to 1.
         seed: the seed of the split (the same seed for all three splits).
         target: the target key; None uses the domain name, one task per domain.
         variant: ``office31`` or ``office_home``; None detects it from the layout.
+        normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
+            :mod:`lightning_mtl.data.inputs`.
+        inputs: the backbone's input config, passed by the data module (None: used alone).
     """
 
     def __init__(
@@ -91,16 +101,19 @@ class OfficeDomain(SourceDataset):
         root: str | Path,
         domain: str,
         split: str = "train",
-        image_size: int | Sequence[int] | None = 64,
+        image_size: int | Sequence[int] | str | None = 64,
         split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
         seed: int = 0,
         target: str | None = None,
         variant: str | None = None,
+        normalization: NormalizationSpec = "backbone",
+        inputs: InputConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.domain = domain
         self.split = check_split(split, SPLITS, NAME)
-        self.size = as_size(image_size)
+        self.size = as_size(resolve_image_size(image_size, inputs, NAME))
+        self.normalization = resolve_normalization(normalization, inputs, NAME)
         fractions = check_fractions(split_fractions, NAME)
         require(self.root, NAME, BOTH_LAYOUTS, BOTH_SOURCES)
         domain_dir = self.root / domain
@@ -137,7 +150,7 @@ class OfficeDomain(SourceDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
-        image = load_image(path, self.size, f"{NAME} {self.domain}")
+        image = load_image(path, self.size, f"{NAME} {self.domain}", self.normalization)
         return make_sample(image, {self.target: torch.tensor(label, dtype=torch.int64)})
 
 

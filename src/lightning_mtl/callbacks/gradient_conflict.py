@@ -1,0 +1,136 @@
+"""The gradient-conflict monitor: each task's gradient norm and the pairwise cosines of the task
+gradients, the first sign of negative transfer.
+
+Every ``every_n_steps`` optimizer steps, before Lightning's backward pass (the step's graph is
+still alive), the monitor measures the task gradients at the architecture's first meeting place
+(the one nearest the images, where all tasks meet): for gradient methods the balancer's global
+Gram matrix is at hand (free); for the others it costs one backward pass per task through the
+modules between that place and the losses (under DDP, one all-reduce of k² numbers). A place
+defined at ``level=params`` only (soft sharing: each head reads its own column) is measured at
+its shared parameters instead (k backward passes through the network). A place that no
+gradient reaches (frozen upstream) is not measured; one message says so.
+
+Logged as ``train/grad_norm/<task>`` and ``train/grad_cos/<a>/<b>`` to every logger; with a
+W&B logger the cosine matrix also goes as a heatmap image (``train/grad_conflict``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_mtl.weighting import task_gradients
+
+log = logging.getLogger(__name__)
+
+
+class GradientConflictMonitor(L.Callback):
+    """Measure and log task-gradient norms and cosines every ``every_n_steps`` steps (0: never);
+    ``heatmap``: also log the cosine matrix as an image to W&B."""
+
+    def __init__(self, every_n_steps: int = 50, heatmap: bool = True) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.heatmap = heatmap
+        #: (task names, cosine matrix, step) of the last measurement
+        self.last: tuple[list[str], torch.Tensor, int] | None = None
+        self._warned = False
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        record = getattr(pl_module, "step_record", None)
+        every = self.every_n_steps
+        if record is None or not every or trainer.global_step % every:
+            return
+        if record.batch_idx % trainer.accumulate_grad_batches:
+            return  # once per optimizer step: its first micro-batch
+        gram = self._gram(trainer, pl_module, record)
+        if gram is None:
+            return
+        names = [t.name for t in pl_module.tasks]
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+        seen = [i for i in range(len(names)) if norms[i] > 0]
+        shown = [names[i] for i in seen]
+        values = {f"train/grad_norm/{shown[a]}": float(norms[i]) for a, i in enumerate(seen)}
+        for a, i in enumerate(seen):
+            for b in range(a + 1, len(seen)):
+                values[f"train/grad_cos/{shown[a]}/{shown[b]}"] = float(cosine[i, seen[b]])
+        # straight to the loggers: self.log would repeat the last value at every step between
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        self.last = (shown, cosine[seen][:, seen].detach().cpu(), trainer.global_step)
+        if self.heatmap and trainer.is_global_zero:
+            self._log_heatmap(trainer)
+
+    def _gram(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, record: Any
+    ) -> torch.Tensor | None:
+        """The k×k Gram matrix of the task gradients at the first meeting place (global)."""
+        weighting = pl_module.weighting
+        gram = getattr(weighting, "last_gram", None)
+        if weighting.needs_gradients and gram is not None:
+            return gram
+        meeting = record.meetings[0] if record.meetings else None
+        if meeting is None:
+            return None
+        if "representation" in meeting.place.levels:
+            inputs = [t for t in meeting.tensors if t.requires_grad]
+        else:
+            inputs = meeting.place.trainable_parameters()
+        if not inputs:
+            if not self._warned:
+                log.info(
+                    "gradient monitor: nothing upstream of %r trains; not measured",
+                    meeting.place.name,
+                )
+                self._warned = True
+            return None
+        tasks = [t.name for t in pl_module.tasks]
+        names = [t for t in tasks if t in record.losses]
+        rows = task_gradients([record.losses[n] for n in names], inputs, record.grad_scale)
+        full = rows.new_zeros(len(tasks), rows.shape[1])
+        full[[tasks.index(n) for n in names]] = rows
+        gram = full @ full.T
+        if trainer.world_size > 1:
+            gram = trainer.strategy.reduce(gram, reduce_op="sum") / trainer.world_size**2
+        return gram
+
+    def _log_heatmap(self, trainer: L.Trainer) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or self.last is None:
+            return
+        names, cosine, step = self.last
+        figure = conflict_figure(names, cosine.float().numpy(), step)
+        for logger in loggers:
+            logger.log_image(key="train/grad_conflict", images=[figure], step=trainer.global_step)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def conflict_figure(names: list[str], cosine: Any, step: int) -> Any:
+    """A matplotlib heatmap of a task-gradient cosine matrix, annotated with its values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1.0 + 0.7 * len(names)
+    figure, axes = plt.subplots(figsize=(size + 1.0, size))
+    image = axes.imshow(cosine, cmap="RdBu", vmin=-1, vmax=1)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axes.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    axes.set_title(f"task-gradient cosine, step {step}")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    return figure
