@@ -182,7 +182,7 @@ class MultiTaskModule(L.LightningModule):
                 shown.update({f"train/weight/{place}/{t}": w for t, w in weights.items()})
             self.log_dict(shown, batch_size=size)
         else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
-            terms.extend(p.sum() * 0.0 for p in balancer.parameters())
+            terms.append(balancer.zero_term())
         total = sum(terms[1:], start=terms[0])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
         self.step_record = StepRecord(losses, out.meetings, context.grad_scale, batch_idx)

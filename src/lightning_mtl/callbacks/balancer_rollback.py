@@ -39,8 +39,10 @@ class BalancerRollback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        scale = grad_scale(trainer)
-        if scale is None or batch_idx % trainer.accumulate_grad_batches:
+        if batch_idx % trainer.accumulate_grad_batches:  # not a window's first micro-batch
+            return
+        scale = grad_scale(trainer)  # (a device sync on GPU: read it only where needed)
+        if scale is None:
             return
         state = {k: v.clone() for k, v in pl_module.weighting.state_dict().items()}
         self._snapshot = (scale, state)

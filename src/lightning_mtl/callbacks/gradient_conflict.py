@@ -97,8 +97,13 @@ class GradientConflictMonitor(L.Callback):
         rows = task_gradients([record.losses[n] for n in names], inputs, record.grad_scale)
         full = rows.new_zeros(len(tasks), rows.shape[1])
         full[[tasks.index(n) for n in names]] = rows
+        if trainer.world_size > 1 and "representation" not in meeting.place.levels:
+            # parameter gradients: each rank holds a part of the one gradient, so average the
+            # rows before the products (as the balancer does at level=params)
+            full = trainer.strategy.reduce(full, reduce_op="sum") / trainer.world_size
+            return full @ full.T
         gram = full @ full.T
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # per-sample rows: the ranks' Gram matrices add up
             gram = trainer.strategy.reduce(gram, reduce_op="sum") / trainer.world_size**2
         return gram
 

@@ -71,7 +71,7 @@ class ModelReport(L.Callback):
         if not trainer.is_global_zero:
             return
         net, tasks = getattr(pl_module, "net", None), getattr(pl_module, "tasks", None)
-        image = self._image if self._image is not None else _example_image(trainer, pl_module)
+        image = self._image  # read in `setup`, which Lightning runs before every fit
         if net is None or tasks is None or image is None:
             log.info("model report: no network, tasks or example batch to measure; skipped")
             return

@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -56,9 +57,14 @@ class Normalization:
     std: tuple[float, ...]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=image.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype).view(-1, 1, 1)
-        return (image - mean) / std
+        mean, std = self._tensors
+        return (image - mean.to(image.dtype)) / std.to(image.dtype)
+
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as C×1×1 tensors, built once (this runs for every sample)."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+        return as_tensor(self.mean), as_tensor(self.std)
 
     def as_dict(self) -> dict[str, list[float]]:
         """Plain values, for hyperparameters and logs."""

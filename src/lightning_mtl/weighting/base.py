@@ -110,6 +110,15 @@ class Weighting(nn.Module):
         places (None at the end of fit); a method that hooks the modules upstream of them
         (params-level gradient methods) does it here. Default: nothing."""
 
+    def zero_term(self) -> torch.Tensor:
+        """Zero, with a (zero) gradient for the method's own parameters (learned weights), so
+        that DDP sees them used on a step that does not train them."""
+        params = list(self.parameters())
+        total = torch.zeros((), device=params[0].device if params else None)
+        for parameter in params:
+            total = total + parameter.sum() * 0.0
+        return total
+
     @staticmethod
     def loss_values(losses: torch.Tensor, present: list[int], context: StepContext) -> torch.Tensor:
         """The present tasks' loss values: global over DDP ranks where known, else local."""

@@ -224,14 +224,6 @@ class GradientWeighting(Weighting):
         shown = {self.tasks[i]: weights[j].detach() for j, i in enumerate(present)}
         return total, shown
 
-    def zero_term(self) -> torch.Tensor:
-        """Zero, with a (zero) gradient for the rule's own parameters (GradNorm's weights), so
-        that DDP sees them used on a step that does not train them."""
-        total = torch.zeros(())
-        for parameter in self.parameters():
-            total = total.to(parameter.device) + parameter.sum() * 0.0
-        return total
-
     def _global_gram(
         self,
         rows: torch.Tensor,

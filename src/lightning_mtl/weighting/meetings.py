@@ -98,7 +98,7 @@ def balance(
         place = meeting.place
         rule = rule_for(place)
         inputs = [leaf for leaf in meeting.leaves if leaf.requires_grad]
-        trainable = bool(place.trainable_parameters())
+        trainable = any(p.requires_grad for p in place.parameters())
         if not inputs or not trainable:
             rule.warn_inactive(place, "its shared parameters are all frozen")
             total = total + rule.zero_term()
