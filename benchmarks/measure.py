@@ -8,7 +8,9 @@ What it provides, and why it is built this way:
 * :class:`BenchModule`: the real :class:`~lightning_mtl.module.MultiTaskModule` with a step
   counter standing in for the Trainer's ``global_step`` (methods that read the step, such as
   FAMO and the seeded random rules, see it advance). Built by :func:`bench_module` from the
-  composed ``configs/train.yaml`` (its backbone and optimizer), with no scheduler.
+  composed ``configs/train.yaml`` (its backbone, optimizer and ``model.optimizer_impl``: by
+  default the fused AdamW where torch has one, as in training), with no scheduler.
+  :func:`optimizer_line` says which implementation a runner's optimizer runs.
 * :class:`Runner`: one module, its optimizer and its measurements. A step is what Lightning's
   automatic optimization does, written out without a Trainer (``training_step``, ``backward``,
   ``optimizer.step``, ``zero_grad``) on batches held in memory (data generation is not measured).
@@ -17,7 +19,9 @@ What it provides, and why it is built this way:
   candidates is reversed every other round); a block's ratio is the median of its step times
   over the mean of the two reference steps around it. The load of the machine drifts over
   seconds, so it hits both sides of every ratio alike. The result is the median ratio over the
-  rounds.
+  rounds. A runner whose steps differ by design in a cycle of N (``Runner.cycle``: a balancer
+  that recomputes its weights every N steps) runs blocks of a multiple of N steps and counts
+  their mean rather than their median, so each block holds the expensive step in its true share.
 * Clocks: on CPU with one torch thread, a step's time is the CPU time of the process
   (``process``: user + system), which does not count the time the process waits for a core,
   so ratios stay steady when other programs load the machine (with one thread it equals wall
@@ -61,6 +65,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lightning_mtl.data.shapes import SceneConfig, ShapesDataset
 from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.optim import implementation_of
 from lightning_mtl.utils.setup import CONFIG_DIR, configure_environment
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -104,9 +109,13 @@ def bench_module(
     tasks: Mapping[str, Any],
     weighting: Mapping[str, Any],
     architecture: str | Mapping[str, Any] = "hard",
+    optimizer_impl: str | None = None,
 ) -> BenchModule:
     """A :class:`BenchModule` with ``cfg``'s backbone and optimizer, the given tasks, weighting
-    and architecture, no scheduler and no ``torch.compile``; the caller seeds torch."""
+    and architecture, no scheduler and no ``torch.compile``; the caller seeds torch.
+    ``optimizer_impl``: ``auto``/``fused``/``foreach``/``single`` (None: ``cfg``'s)."""
+    if optimizer_impl is None:
+        optimizer_impl = cfg.model.get("optimizer_impl", "auto")
     return BenchModule(
         backbone=cfg.model.backbone,
         tasks=tasks,
@@ -120,6 +129,7 @@ def bench_module(
         train_metrics=cfg.model.train_metrics,
         compile=False,
         channels_last=False,
+        optimizer_impl=optimizer_impl,
     )
 
 
@@ -214,6 +224,18 @@ class Runner:
         self.batches, self.device, self.clock = batches, device, clock
         self.times: list[float] = []
         self.peak_bytes = 0
+        #: steps of the cycle its cost repeats over (1: every step costs the same)
+        self.cycle = 1
+
+    def block_steps(self, steps: int) -> int:
+        """The steps of a timed block: ``steps``, rounded up to a multiple of the cycle."""
+        return -(-steps // self.cycle) * self.cycle
+
+    def block_time(self, steps: int) -> float:
+        """The time of the last block of ``steps``: the median step, or the mean over whole
+        cycles."""
+        last = self.times[-steps:]
+        return statistics.median(last) if self.cycle == 1 else statistics.fmean(last)
 
     def step(self) -> None:
         index = self.module.step_count
@@ -268,6 +290,16 @@ class Runner:
         return statistics.median(self.times)
 
 
+def optimizer_line(runner: Runner) -> str:
+    """E.g. ``optimizer: AdamW, fused (model.optimizer_impl=auto)``, for above a table."""
+    optimizer = runner.optimizer
+    impl = runner.module.hparams.get("optimizer_impl", "auto")
+    return (
+        f"optimizer: {type(optimizer).__name__}, {implementation_of(optimizer)} "
+        f"(model.optimizer_impl={impl})"
+    )
+
+
 def make_batches(
     count: int, batch_size: int, image_size: int, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -297,14 +329,15 @@ def paired_rounds(
             # one step of the reference just before and one just after the block: the machine's
             # load drifts over seconds, and so hits both sides of the ratio alike
             reference.timed(1)
+            block_steps = runner.block_steps(steps)
             try:
-                runner.timed(steps)
+                runner.timed(block_steps)
             except Exception:
                 on_error(key, traceback.format_exc())
                 del runners[key], ratios[key]
                 continue
             reference.timed(1)
-            block = statistics.median(runner.times[-steps:])
+            block = runner.block_time(block_steps)
             ratios[key].append(block / statistics.mean(reference.times[-2:]))
         log(
             f"{label}round {round_index + 1}/{rounds}: {time.perf_counter() - start:.0f} s, "

@@ -49,7 +49,9 @@ def test_unknown_names_fail_with_the_key_and_accepted_values(
 
     message = config_error(make_cfg("weighting.name=gradnrom"))
     assert "weighting.name='gradnrom'" in message and "Did you mean 'gradnorm'" in message
-    assert "imtl_l, mgda, mgda_ub, nash_mtl, pcgrad, rlw, static, stch, uncertainty" in message
+    assert (
+        "mgda_ub, modo, nash_mtl, pcd, pcgrad, rlw, sdmgrad, static, stch, uncertainty" in message
+    )
 
     message = config_error(make_cfg("+tasks.segmentation.head.num_class=4"))
     assert "tasks.segmentation.head.name" in message and "num_class" in message

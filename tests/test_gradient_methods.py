@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torchjd import aggregation as jd
+from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import cut_meeting
@@ -68,8 +69,9 @@ REFERENCES = [
     ("cagrad", {"c": 0.4}, lambda: jd.CAGrad(c=0.4)),
     ("imtl_g", {}, lambda: jd.IMTLG()),
     ("aligned_mtl", {}, lambda: jd.AlignedMTL()),
-    ("upgrad", {}, lambda: jd.UPGrad()),
-    ("dualproj", {}, lambda: jd.DualProj()),
+    # ours project exactly (torchjd adds 1e-4·I by default: docs/torchjd_notes.md)
+    ("upgrad", {}, lambda: jd.UPGrad(projector=QuadprogProjector(reg_eps=1e-10))),
+    ("dualproj", {}, lambda: jd.DualProj(projector=QuadprogProjector(reg_eps=1e-10))),
     ("fairgrad", {"alpha": 1.0}, lambda: jd.FairGrad(alpha=1.0)),
     ("config", {}, lambda: jd.ConFIG()),
     ("nash_mtl", {}, lambda: jd.NashMTL(n_tasks=3)),

@@ -359,20 +359,29 @@ def test_every_method_steps_on_batches_of_one_source_and_leaves_absent_tasks_out
         return captured[-1]
 
     module.weighting.forward = capture
-    for step, source in enumerate([0, 1, 0, 1]):
+    # then batches of single-task sources: one task present (no bargaining, no crash)
+    schedule = [(0, None), (1, None), (0, None), (1, None), (0, "depth"), (1, "count")]
+    for step, (source, only) in enumerate(schedule):
         batch = collate_merged(data.splits["train"][[(source, i) for i in range(4)]])
+        if only is not None:
+            batch["targets"] = {only: batch["targets"][only]}
+            batch["mask"] = {k: v for k, v in batch.get("mask", {}).items() if k == only}
+        present = groups[source] if only is None else [only]
         module.zero_grad()
         loss = module.training_step(batch, step)
         loss.backward()
         assert torch.isfinite(loss), (method, step)
         shown = captured[-1].weights
-        assert set(shown) == set(groups[source]), (method, shown)
+        assert set(shown) == set(present), (method, shown)
         assert all(torch.isfinite(w) for w in shown.values()), (method, shown)
         for name, p in module.named_parameters():
             assert p.grad is None or torch.isfinite(p.grad).all(), (method, name)
-        for task in groups[1 - source]:
+        for task in set(groups[0] + groups[1]) - set(present):
             head = module.net.heads[task]
             assert all(float(p.grad.abs().sum()) == 0.0 for p in head.parameters()), task
+        if only is not None:  # the backbone still learns from the one task
+            backbone = module.net.architecture.backbone.parameters()
+            assert sum(float(p.grad.abs().sum()) for p in backbone if p.grad is not None) > 0
 
 
 @pytest.mark.parametrize(

@@ -124,20 +124,27 @@ def _flat_grads(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Te
     return [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
 
 
-@pytest.mark.parametrize("level", ["representation", "params"])
+@pytest.mark.parametrize(
+    ("level", "budget"), [("representation", 1024), ("params", 1024), ("params", 0)]
+)
 def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobian_t_w(
-    make_cfg: Callable[..., DictConfig], level: str
+    make_cfg: Callable[..., DictConfig], level: str, budget: int
 ) -> None:
     from torchjd.aggregation import UPGradWeighting
+    from torchjd.linalg import QuadprogProjector
 
-    module = hydra.utils.instantiate(make_cfg("weighting=upgrad", f"weighting.level={level}").model)
+    overrides = ("weighting=upgrad", f"weighting.level={level}")
+    module = hydra.utils.instantiate(
+        make_cfg(*overrides, f"weighting.jacobian_budget_mb={budget}").model
+    )
     module.eval()  # batch-norm statistics fixed, so the reference forward below is identical
     batch = batch_of(4)
     batch["mask"]["count"] = torch.tensor([True, False, True, False])
     module.training_step(batch, 0).backward()
-    # params level: G came from the autogram engine (no k×D Jacobian), hooks gone after the step
+    # params level within the budget: the k×D Jacobian from one batched backward; with a zero
+    # budget G came from the autogram engine (no k×D Jacobian). No hook left after the step.
     engine = module.weighting._gramians.get("backbone")
-    assert (engine is not None and engine.used) == (level == "params")
+    assert (engine is not None and engine.used) == (level == "params" and budget == 0)
     backbone_module = module.net.architecture.backbone
     assert all(not m._forward_hooks for m in backbone_module.modules())
     got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
@@ -161,9 +168,10 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
         on_leaves, _ = module.task_losses(outputs, batch)
         rows_of = {t: _flat_grads(on_leaves[t], leaves) for t in names}
     rows = torch.stack([torch.cat([g.flatten() for g in rows_of[t]]) for t in names])
-    w = UPGradWeighting()((rows @ rows.T).double()).float()
+    w = UPGradWeighting(projector=QuadprogProjector(reg_eps=1e-10))((rows @ rows.T).double())
+    w = w.float()  # ours projects exactly; torchjd adds 1e-4·I by default
     logged = module.weighting.last_gram
-    torch.testing.assert_close(logged, rows @ rows.T, rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(logged, (rows @ rows.T).double(), rtol=1e-3, atol=1e-9)
     for i, (name, _) in enumerate(backbone_module.named_parameters()):
         expected = sum(w[j] * per_task[t][i] for j, t in enumerate(names))
         key = f"net.architecture.backbone.{name}"

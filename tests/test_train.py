@@ -164,7 +164,9 @@ class ScalerProbe(L.Callback):
     "method",
     ["nash_mtl", "dwa", *(pytest.param(m, marks=pytest.mark.slow) for m in ("famo", "gradvac"))],
 )
-@pytest.mark.parametrize("level", ["representation", "params"])
+@pytest.mark.parametrize(
+    "level", ["representation", pytest.param("params", marks=pytest.mark.slow)]
+)
 def test_fp16_grad_scaler_skips_overflowing_steps_and_they_leave_no_trace_in_the_balancer(
     method: str, level: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -201,7 +203,8 @@ def test_fp16_grad_scaler_skips_overflowing_steps_and_they_leave_no_trace_in_the
     assert skipped and taken, [a[0] for a, _ in steps]
     for a, b in skipped:  # a skipped step: no weight moved, the balancer is as before it
         assert torch.equal(a[1], b[1])
-        assert all(torch.equal(a[2][key], b[2][key]) for key in a[2])
+        for key in a[2]:  # bit for bit (NaN: never computed, e.g. update_every's cache)
+            torch.testing.assert_close(a[2][key], b[2][key], rtol=0, atol=0, equal_nan=True)
     for a, b in taken:
         assert not torch.equal(a[1], b[1])
     assert all(torch.isfinite(p).all() for p in objects["model"].parameters())

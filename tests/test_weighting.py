@@ -20,10 +20,23 @@ def losses(*values: float) -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_shipped_methods() -> None:
-    loss_based = {"dwa", "equal", "famo", "gls", "imtl_l", "rlw", "static", "stch", "uncertainty"}
+    loss_based = {
+        "dwa",
+        "equal",
+        "famo",
+        "gls",
+        "go4align",
+        "imtl_l",
+        "ldc_mtl",
+        "rlw",
+        "static",
+        "stch",
+        "uncertainty",
+    }
     gradient_based = {
         "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "fairgrad", "graddrop",
         "gradnorm", "gradvac", "imtl_g", "mgda", "mgda_ub", "nash_mtl", "pcgrad", "upgrad",
+        "crmogm", "excess_mtl", "modo", "pcd", "sdmgrad",
     }  # fmt: skip
     assert set(WEIGHTINGS.names()) == loss_based | gradient_based
     assert all(WEIGHTINGS.get(n, "x").needs_gradients for n in gradient_based)

@@ -91,6 +91,9 @@ def _cases() -> list[tuple[str, str, dict[str, Any]]]:
                     cases.append((f"{name}-{level}", name, {**kwargs, "level": level}))
         else:
             cases.append((name, name, kwargs))
+    # weights computed every second step and reused in between: no all-reduce on those steps
+    for level in LEVELS:
+        cases.append((f"mgda-every2-{level}", "mgda", {"level": level, "update_every": 2}))
     return cases
 
 
@@ -100,7 +103,7 @@ CASE_IDS = [case[0] for case in CASES]
 ABSENT_CASES = [
     (f"absent-{name}", name, kwargs)
     for case_id, name, kwargs in CASES
-    if not case_id.endswith("-params")
+    if not case_id.endswith("-params") and "-every" not in case_id
 ]
 ABSENT_PARAMS = [
     pytest.param(

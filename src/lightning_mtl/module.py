@@ -29,7 +29,13 @@ from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.architectures import Meeting, architecture_options, build_architecture
 from lightning_mtl.models.backbone import Backbone
 from lightning_mtl.models.net import MultiTaskNet
-from lightning_mtl.optim import group_rules, optimizer_groups
+from lightning_mtl.optim import (
+    build_optimizer,
+    check_implementation,
+    fused_conflict,
+    group_rules,
+    optimizer_groups,
+)
 from lightning_mtl.schedules import schedule_length
 from lightning_mtl.task_metrics import TaskMetrics
 from lightning_mtl.tasks import (
@@ -63,6 +69,8 @@ class MultiTaskModule(L.LightningModule):
         tasks: the ``tasks:`` block (see :mod:`lightning_mtl.tasks`).
         weighting: ``{name: <method>, **kwargs}`` (see :mod:`lightning_mtl.weighting`).
         optimizer: a partial optimizer, called with the parameter groups.
+        optimizer_impl: ``auto`` (fused where torch supports it, else foreach, else
+            single-tensor), ``fused``, ``foreach`` or ``single`` (see :mod:`lightning_mtl.optim`).
         scheduler: a partial LR scheduler or ``None``; it receives ``total_steps`` if it takes it.
         scheduler_interval: ``"step"`` or ``"epoch"``.
         architecture: a name from ``configs/architecture/`` or ``{name, **options}``.
@@ -89,6 +97,7 @@ class MultiTaskModule(L.LightningModule):
         train_metrics: bool = True,
         compile: bool | Mapping[str, Any] = False,
         channels_last: bool = False,
+        optimizer_impl: str = "auto",
     ) -> None:
         super().__init__()
         backbone, tasks, weighting, compile = map(
@@ -100,6 +109,7 @@ class MultiTaskModule(L.LightningModule):
         # optimizer and scheduler factories are code, kept out of the checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
+        check_implementation(optimizer, optimizer_impl)
         if scheduler_interval not in {"step", "epoch"}:
             raise ConfigError(
                 f"model.scheduler_interval={scheduler_interval!r}; accepted values: step, epoch"
@@ -157,9 +167,11 @@ class MultiTaskModule(L.LightningModule):
         # Gradient methods: the modules after each meeting place read it detached (cut), so the
         # task gradients there cost backward passes through those modules only.
         out = self.net.forward_features(images, cut=balancer.needs_gradients)
-        outputs = self.net.forward_heads(out.features, images.shape[-2:])
+        outputs = self.net.forward_heads(out.features, images.shape[-2:], out.meetings)
         losses, labelled = self.task_losses(outputs, batch)
         context.meetings = out.meetings
+        if balancer.needs_gradients:
+            context.downstream = self._downstream_parameters()
         if context.all_reduce is not None and balancer.reads_loss_values:
             context.global_losses = global_loss_values(
                 losses, balancer.tasks, context.all_reduce, self.device
@@ -192,6 +204,11 @@ class MultiTaskModule(L.LightningModule):
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         self.step_record = None  # callbacks had it; the graph's tensors need not outlive the step
+
+    def _downstream_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters after the architecture: the heads' and the losses' own."""
+        parts = (self.net.heads.parameters(), self.losses.parameters())
+        return [p for part in parts for p in part if p.requires_grad]
 
     def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
         images = batch["image"]
@@ -259,8 +276,14 @@ class MultiTaskModule(L.LightningModule):
         return [] if present else [BalancerRollback()]
 
     def configure_optimizers(self) -> Any:
-        """One optimizer over the groups of :func:`lightning_mtl.optim.optimizer_groups`."""
-        optimizer = self.make_optimizer(optimizer_groups(self, group_rules(self)))
+        """One optimizer over the groups of :func:`lightning_mtl.optim.optimizer_groups`, in the
+        implementation ``optimizer_impl`` selects (:func:`lightning_mtl.optim.build_optimizer`)."""
+        optimizer = build_optimizer(
+            self.make_optimizer,
+            optimizer_groups(self, group_rules(self)),
+            self.hparams.get("optimizer_impl", "auto"),
+            fused_conflict(self._trainer),
+        )
         make_scheduler = self.make_scheduler
         if make_scheduler is None:
             return optimizer

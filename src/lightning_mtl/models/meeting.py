@@ -5,7 +5,7 @@ balancers and plain PyTorch loops can use them alone."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,11 +44,17 @@ class MeetingPlace:
 @dataclass(eq=False)
 class Meeting:
     """One forward pass at a meeting place: the tensors as produced, and what the modules
-    downstream read (detached copies with ``cut``; the tensors themselves otherwise)."""
+    downstream read (detached copies with ``cut``; the tensors themselves otherwise).
+
+    ``views``: for a task whose head reads leaves of this meeting directly, the task's own alias
+    of each leaf it reads (None for a leaf it does not read); see :func:`task_views`. One
+    backward pass of the summed losses then gives every such task its own gradient.
+    """
 
     place: MeetingPlace
     tensors: list[torch.Tensor]
     leaves: list[torch.Tensor]
+    views: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, place: MeetingPlace, tensors: Sequence[torch.Tensor], cut: bool) -> Meeting:
@@ -79,3 +85,33 @@ def cut_meeting(
     """One meeting place in a plain PyTorch loop: ``tensors`` produced by ``modules`` and read by
     every task in ``tasks``; the heads read ``meeting.leaves``."""
     return Meeting.of(MeetingPlace(name, tuple(tasks), tuple(modules)), tensors, cut=True)
+
+
+def task_views(
+    meetings: Sequence[Meeting], task: str, tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """What ``task``'s head reads instead of ``tensors`` (everything it reads): when all of them
+    are leaves of one cut meeting of the task, the task's own aliases of them (identity views,
+    registered in ``meeting.views``); ``tensors`` unchanged otherwise.
+
+    Why: the heads of all tasks read the same leaves, so one backward pass of ``Σ Lᵢ`` gives
+    only the sum of their gradients there; with one alias per task, the same single pass gives
+    each task's own gradient at its aliases (``torch.autograd.grad`` with the aliases as inputs)
+    instead of one pass per task. Only when the head reads nothing else can the aliases carry
+    all of the task's gradient, hence "all of them".
+    """
+    for meeting in meetings:
+        if meeting.leaves is meeting.tensors or task not in meeting.place.tasks:
+            continue
+        index = [
+            next((i for i, leaf in enumerate(meeting.leaves) if leaf is t), None) for t in tensors
+        ]
+        if None in index or not all(meeting.leaves[i].requires_grad for i in index):
+            continue
+        views: list[torch.Tensor | None] = [None] * len(meeting.leaves)
+        for i in index:
+            if views[i] is None:
+                views[i] = meeting.leaves[i].view_as(meeting.leaves[i])
+        meeting.views[task] = views
+        return [views[i] for i in index]
+    return list(tensors)

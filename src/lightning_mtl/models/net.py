@@ -11,6 +11,7 @@ from torch import nn
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.architectures import Architecture, ArchitectureOutput
 from lightning_mtl.models.backbone import Features
+from lightning_mtl.models.meeting import Meeting, task_views
 
 
 class MultiTaskNet(nn.Module):
@@ -28,9 +29,20 @@ class MultiTaskNet(nn.Module):
         return self.architecture(images, cut=cut)
 
     def forward_heads(
-        self, features: Mapping[str, Features], image_size: Sequence[int]
+        self,
+        features: Mapping[str, Features],
+        image_size: Sequence[int],
+        meetings: Sequence[Meeting] = (),
     ) -> dict[str, torch.Tensor]:
+        """Each head on its task's features; with the (cut) ``meetings`` of a gradient method's
+        step, each head reads its own alias of the leaves (:func:`task_views`)."""
         size = tuple(image_size)
+        if meetings:
+            aliased = {
+                name: task_views(meetings, name, [read.pooled, *read.maps])
+                for name, read in features.items()
+            }
+            features = {name: Features(views[0], views[1:]) for name, views in aliased.items()}
         return {name: head(features[name], size) for name, head in self.heads.items()}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,31 +1,125 @@
-"""Gram-matrix rules taken from torchjd, one small class each.
+"""Gram-matrix rules, one small class each: torchjd's where it follows the paper, ours where not.
 
-Each rule maps the Gram matrix ``G = J Jᵀ`` of the present tasks' gradients to weights w; the
-combined gradient is ``Jᵀw`` (see :mod:`lightning_mtl.weighting.gradient` for how the step applies
-it at the representation or the parameter level). The rules are torchjd's ``...Weighting``
-classes (pinned in pyproject.toml): well tested, and written for exactly this input. What is ours
-is the step around them. Cost of a rule itself: O(k³) at most, on k×k numbers.
+Each rule maps the float64 Gram matrix ``G = J Jᵀ`` of the present tasks' gradients to weights w;
+the combined gradient is ``Jᵀw`` (see :mod:`lightning_mtl.weighting.gradient` for how the step
+applies it at the representation or the parameter level). The rules read G in float64 and solve
+in float64. Cost of a rule itself: O(k³) on k×k numbers, plus a small convex program for CAGrad.
+
+Every rule is defined on every input a step can produce: one present task, a zero gradient,
+gradients of very different scales, a singular G (dependent, parallel or anti-parallel
+gradients; more tasks than gradient dimensions). Where torchjd 0.18 deviates from a paper there,
+the piece is ours and its docstring says why (``docs/torchjd_notes.md`` has the reproductions):
+
+* a rank decision (IMTL-G, Aligned-MTL, ConFIG) is made on the Gram matrix of the unit gradients
+  at float32 resolution (:func:`gram_range`): torchjd's threshold, ``k·eps64`` on G, reads the
+  round-off of G itself as rank once the gradients are long (D = 1e5: IMTL-G and Aligned-MTL
+  give a direction ~0 for exactly dependent gradients);
+* CAGrad solves the paper's dual exactly; torchjd returns an all-zero update below an absolute
+  ``norm_eps`` (a zero task gradient, scales 1e4 apart, or merely small gradients);
+* UPGrad and DualProj project exactly; torchjd adds ``1e-4·I`` to the trace-normalised G, which
+  moves the result by ~1e-3 and, with scales 1e4 apart, leaves strong conflicts in place;
+* FairGrad solves for per-task scaled unknowns (on G itself, torchjd's least squares stops far
+  short when scales are 1e4 apart) and leaves zero gradients out of its equation, which has no
+  solution for them.
+
+This file holds the helpers every Gram rule shares (rank, range, pseudo-inverse, factor) and the
+rules torchjd serves as the papers define them (MGDA, MGDA-UB, PCGrad); the others are one file
+each: ``cagrad.py``, ``imtl_aligned.py``, ``dual_cone.py``, ``fairgrad.py``, ``nash_mtl.py``,
+``gradvac.py``, ``config.py`` (ConFIG).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchjd import aggregation as jd
 
+from lightning_mtl.errors import ConfigError
 from lightning_mtl.weighting.base import StepContext
 from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
+#: eigenvalues of the unit gradients' Gram matrix under ``k · FLOAT32_EPS · λ_max`` are round-off
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+#: a task gradient with ``‖gᵢ‖² ≤ ZERO_RATIO · max ‖gⱼ‖²`` is zero (float64 round-off of G)
+ZERO_RATIO = float(torch.finfo(torch.float64).eps)
 
+
+# ------------------------------------------------------------------------------------ helpers
 def preference_vector(pref: Sequence[float] | None, k: int) -> torch.Tensor | None:
     """A method's ``pref_vector`` as a float64 tensor, checked to hold one number per task."""
     if pref is None:
         return None
     if len(pref) != k:
-        raise ValueError(f"weighting.pref_vector has {len(pref)} numbers; expected {k}")
+        raise ConfigError(f"weighting.pref_vector has {len(pref)} numbers; expected {k}")
     return torch.tensor([float(p) for p in pref], dtype=torch.float64)
+
+
+def rank_tolerance(eigenvalues: torch.Tensor) -> float:
+    """The eigenvalue below which a direction of a unit-diagonal Gram matrix is round-off:
+    ``k · eps_float32 · λ_max``, the official Aligned-MTL code's threshold (``torch.finfo()`` is
+    float32's there). The gradients are float32, so directions whose relative singular value is
+    below ~1e-3 carry no signal; G's own float64 round-off (~√D·eps64) stays far below."""
+    top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+    return max(top, 0.0) * len(eigenvalues) * FLOAT32_EPS
+
+
+def gram_range(gram: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (k×r) of the range of a symmetric PSD G, r its numerical rank.
+
+    The rank is decided on the angles, not the scales: on ``Gᵤ = D^{-½} G D^{-½}`` (the Gram
+    matrix of the unit gradients) with :func:`rank_tolerance`, so a task 1e4 times smaller than
+    the others is rank, while the round-off of dependent float32 gradients is not. The null
+    space of G is ``D^{-½}`` times that of Gᵤ, plus the zero gradients' axes."""
+    k = len(gram)
+    zero = zero_gradients(gram)
+    live = (~zero).nonzero().flatten()
+    null = [torch.eye(k, dtype=gram.dtype, device=gram.device)[:, zero]]
+    if len(live):
+        norms = gram.diagonal()[live].sqrt()
+        unit = gram[live][:, live] / norms[:, None] / norms[None, :]
+        values, vectors = torch.linalg.eigh((unit + unit.T) / 2)
+        dropped = vectors[:, values <= rank_tolerance(values)] / norms[:, None]
+        embedded = gram.new_zeros(k, dropped.shape[1])
+        embedded[live] = dropped
+        null.append(embedded)
+    basis = torch.cat(null, dim=1)
+    if basis.shape[1] == 0:
+        return torch.eye(k, dtype=gram.dtype, device=gram.device)
+    if basis.shape[1] == k:
+        return gram.new_zeros(k, 0)
+    complete, _ = torch.linalg.qr(basis, mode="complete")
+    return complete[:, basis.shape[1] :]
+
+
+def range_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nonzero eigenvalues of G and their eigenvectors (k×r), on :func:`gram_range`."""
+    basis = gram_range(gram)
+    reduced = basis.T @ gram @ basis
+    values, vectors = torch.linalg.eigh((reduced + reduced.T) / 2)
+    return values.clamp_min(torch.finfo(gram.dtype).tiny), basis @ vectors
+
+
+def psd_pinv(gram: torch.Tensor) -> torch.Tensor:
+    """The pseudo-inverse of a symmetric PSD G on its numerical range (:func:`gram_range`)."""
+    values, vectors = range_eigh(gram)
+    return (vectors / values) @ vectors.T
+
+
+def zero_gradients(gram: torch.Tensor) -> torch.Tensor:
+    """A mask of the tasks whose gradient is zero (to the float64 round-off of G)."""
+    diagonal = gram.diagonal()
+    return (
+        diagonal <= ZERO_RATIO * max(float(diagonal.max()), 0.0) if len(diagonal) else diagonal > 0
+    )
+
+
+def psd_factor(gram: np.ndarray) -> np.ndarray:
+    """A square M with ``M Mᵀ = G`` for a symmetric PSD G (negative round-off clipped)."""
+    values, vectors = np.linalg.eigh(gram)
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
 
 
 class TorchJDWeighting(GradientWeighting):
@@ -63,14 +157,24 @@ class PreferenceWeighting(GradientWeighting):
         """π restricted to the present tasks (None: the rule's uniform default)."""
         return None if self.pref is None else self.pref[present]
 
+    def preference_or_mean(self, present: list[int], gram: torch.Tensor) -> torch.Tensor:
+        """π of the present tasks, or ``1/m`` each (torchjd's default for the dual-cone rules)."""
+        pref = self.present_preference(present)
+        m = len(present)
+        return gram.new_full((m,), 1.0 / m) if pref is None else pref.to(gram)
 
+
+# ---------------------------------------------------------------------------------- the rules
 @WEIGHTINGS.register("mgda")
 class MGDA(TorchJDWeighting):
     """MGDA (Désidéri 2012; Sener & Koltun, NeurIPS 2018): the min-norm point of the hull.
 
-    ``w = argmin_{w ∈ Δ} ‖Jᵀw‖² = argmin wᵀGw`` over the simplex, solved by Frank-Wolfe
-    (``max_iters``, tolerance ``epsilon``). The direction decreases every task's loss when one
-    exists (a Pareto-stationary point gives 0). At ``level=representation`` this is MGDA-UB.
+    ``w = argmin_{w ∈ Δ} ‖Jᵀw‖² = argmin wᵀGw`` over the simplex, solved by the paper's
+    Frank-Wolfe (torchjd's; ``max_iters``, tolerance ``epsilon``). The direction decreases every
+    task's loss when one exists. Cost: ``max_iters`` k×k products. At ``level=representation``
+    this is MGDA-UB. Corners, as in the paper: one task gets weight 1; a zero gradient, or a
+    pair of anti-parallel ones, puts 0 in the hull, so the direction is 0 (Pareto-stationary);
+    the smallest gradient dominates when scales differ.
     """
 
     def __init__(
@@ -82,7 +186,12 @@ class MGDA(TorchJDWeighting):
         max_iters: int = 100,
     ) -> None:
         super().__init__(tasks, level, seed)
-        self._rule = jd.MGDAWeighting(epsilon=epsilon, max_iters=max_iters)
+        if not epsilon > 0 or int(max_iters) < 1:
+            raise ConfigError(
+                f"weighting.epsilon={epsilon}, weighting.max_iters={max_iters}: "
+                "expected epsilon > 0 and max_iters >= 1"
+            )
+        self._rule = jd.MGDAWeighting(epsilon=epsilon, max_iters=int(max_iters))
 
 
 @WEIGHTINGS.register("mgda_ub")
@@ -103,104 +212,12 @@ class PCGrad(TorchJDWeighting):
 
     For each task i, in a random order of the other tasks j: if ``gᵢ·gⱼ < 0`` then
     ``gᵢ ← gᵢ − (gᵢ·gⱼ/‖gⱼ‖²) gⱼ``; ``d = Σ gᵢ``. Every projection is a linear combination of
-    the original gradients, so the weights follow from G alone. The order is drawn from the
-    per-step generator, so DDP ranks (and a resumed run) project in the same order.
+    the original gradients, so the weights follow from G alone (torchjd's rule, exact: no ε).
+    The order is drawn from the per-step generator, so DDP ranks (and a resumed run) project in
+    the same order. Cost: O(k³). Corners, as in the paper: a zero gradient conflicts with nothing
+    (weight 1, no division); one task gives ``d = g``; anti-parallel gradients cancel (d = 0).
     """
 
     def __init__(self, tasks: Sequence[str], level: str = "representation", seed: int = 0) -> None:
         super().__init__(tasks, level, seed)
         self._rule = jd.PCGradWeighting()
-
-
-@WEIGHTINGS.register("cagrad")
-class CAGrad(TorchJDWeighting):
-    """CAGrad (Liu et al., NeurIPS 2021): conflict-averse gradient descent.
-
-    ``max_d min_i gᵢ·d`` subject to ``‖d − ḡ‖ ≤ c‖ḡ‖`` (ḡ the mean gradient), solved in its
-    dual over the simplex on G; ``c`` trades the worst task's improvement against the average
-    (c = 0 is plain averaging). Needs cvxpy.
-    """
-
-    def __init__(
-        self, tasks: Sequence[str], level: str = "representation", seed: int = 0, c: float = 0.4
-    ) -> None:
-        super().__init__(tasks, level, seed)
-        self._rule = jd.CAGradWeighting(c=c)
-
-
-@WEIGHTINGS.register("imtl_g")
-class IMTLG(TorchJDWeighting):
-    """IMTL-G (Liu et al., ICLR 2021): the direction with equal projections on each unit gradient.
-
-    ``d = Jᵀw`` with ``d·uᵢ`` equal for all i (uᵢ = gᵢ/‖gᵢ‖) and ``Σ wᵢ = 1``: a closed form with
-    one k×k solve.
-    """
-
-    def __init__(self, tasks: Sequence[str], level: str = "representation", seed: int = 0) -> None:
-        super().__init__(tasks, level, seed)
-        self._rule = jd.IMTLGWeighting()
-
-
-@WEIGHTINGS.register("aligned_mtl")
-class AlignedMTL(PreferenceWeighting, TorchJDWeighting):
-    """Aligned-MTL (Senushkin et al., CVPR 2023): align the principal components of J.
-
-    With ``G = V Λ Vᵀ``, the gradients are replaced by a well-conditioned system
-    ``Ĵ = σ Λ^{-1/2} Vᵀ J`` (all singular values equal to σ, set by ``scale_mode``: the smallest
-    one by default), and ``d = Ĵᵀ π`` for the preference π (uniform by default).
-    """
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        level: str = "representation",
-        seed: int = 0,
-        pref_vector: Sequence[float] | None = None,
-        scale_mode: str = "min",
-    ) -> None:
-        super().__init__(tasks, level, seed, pref_vector)
-        self.scale_mode = scale_mode
-
-    def rule(self, present: list[int]) -> jd.Weighting:
-        pref = self.present_preference(present)
-        return jd.AlignedMTLWeighting(pref_vector=pref, scale_mode=self.scale_mode)
-
-
-@WEIGHTINGS.register("upgrad")
-class UPGrad(PreferenceWeighting, TorchJDWeighting):
-    """UPGrad (Quinton & Rey, 2024, "Jacobian descent"): project onto the dual cone of the rows.
-
-    Each gradient gᵢ is projected onto ``{x : Jx ≥ 0}`` (so it conflicts with no task), and the
-    projections are averaged with the preference π: ``d = Σ πᵢ proj(gᵢ)``. Each projection is a
-    small quadratic program on G (quadprog).
-    """
-
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return jd.UPGradWeighting(pref_vector=self.present_preference(present))
-
-
-@WEIGHTINGS.register("dualproj")
-class DualProj(PreferenceWeighting, TorchJDWeighting):
-    """DualProj (Quinton & Rey, 2024): project the averaged gradient onto the dual cone of J.
-
-    ``d = proj_{x : Jx ≥ 0}(Σ πᵢ gᵢ)``: the closest direction to the average that conflicts
-    with no task (a QP on G; cf. GEM, Lopez-Paz & Ranzato 2017).
-    """
-
-    def rule(self, present: list[int]) -> jd.Weighting:
-        return jd.DualProjWeighting(pref_vector=self.present_preference(present))
-
-
-@WEIGHTINGS.register("fairgrad")
-class FairGrad(TorchJDWeighting):
-    """FairGrad (Ban & Ji, ICML 2024): α-fair utility maximisation over the tasks.
-
-    Solves ``G w = w^{-1/α}`` (elementwise) for w > 0 with scipy: α = 1 is proportional fairness
-    (as Nash-MTL), α → ∞ approaches max-min fairness.
-    """
-
-    def __init__(
-        self, tasks: Sequence[str], level: str = "representation", seed: int = 0, alpha: float = 1.0
-    ) -> None:
-        super().__init__(tasks, level, seed)
-        self._rule = jd.FairGradWeighting(alpha=alpha)

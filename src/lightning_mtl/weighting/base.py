@@ -58,7 +58,8 @@ class StepContext:
       detached leaves the downstream modules read, the tasks and the shared parameters);
     * ``all_reduce``: sums a tensor over DDP ranks (``None`` outside DDP), ``world_size`` ranks,
       this one being ``rank``;
-    * ``grad_scale``: the fp16 GradScaler's current scale (``None`` without a scaler).
+    * ``grad_scale``: the fp16 GradScaler's current scale (``None`` without a scaler);
+    * ``downstream``: see below.
     """
 
     step: int = 0
@@ -69,6 +70,11 @@ class StepContext:
     world_size: int = 1
     rank: int = 0
     grad_scale: float | None = None
+    #: every trainable parameter between the meetings' leaves and the losses (the heads, the
+    #: losses' own): when given, and every task's gradient comes from its own aliases
+    #: (:func:`~lightning_mtl.weighting.meetings.view_gradients`), the same backward pass gives
+    #: their gradients too, so Lightning's backward does not run through the heads again
+    downstream: Sequence[torch.nn.Parameter] = ()
 
 
 @dataclass
@@ -132,7 +138,10 @@ class Weighting(nn.Module):
         known (so every rank weights the same set), else those with a local loss."""
         if context.global_losses is None:
             return local
-        return [i for i, value in enumerate(context.global_losses.tolist()) if value == value]
+        # a NaN global loss means "labelled on no rank", or a NaN loss on some rank: a task with
+        # a local loss is present either way
+        labelled = {i for i, value in enumerate(context.global_losses.tolist()) if value == value}
+        return sorted(labelled | set(local))
 
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None

@@ -9,14 +9,24 @@ of the Gram matrix, so it needs no k×D matrix: with ``D = diag(G)`` and ``Gᵤ 
 
     d = Jᵀ w,   w = D^{-½} a · (1ᵀ G D^{-½} a) / (aᵀ Gᵤ a).
 
-A test checks ``Jᵀ w`` against torchjd's aggregator. Cost: one k×k pseudo-inverse.
+The pseudo-inverse of Gᵤ is taken on its numerical range
+(:func:`~lightning_mtl.weighting.aggregators.gram_range`: eigenvalues above ``k·eps_float32``),
+the Gram analogue of the official code's ``pinv`` of the float32 unit matrix: round-off of
+dependent gradients is not rank (torchjd's aggregator, given the float64 cast of float32 rows
+with ``g₃ = g₁ + g₂``, inverts that round-off and returns a direction of norm ~1e-5 instead of
+~90). A test checks ``Jᵀ w`` against torchjd's aggregator. Cost: one k×k eigendecomposition.
+
+Corners: a zero gradient has no unit vector and drops out (weight 0), as in the official code
+(``nan_to_num``); one task gives ``d = g``; anti-parallel gradients (``1 ⊥ range Gᵤ``) give 0,
+the only direction with equal cosine to both; more tasks than dimensions is the pseudo-inverse's
+least-squares case, as in the paper.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lightning_mtl.weighting.aggregators import PreferenceWeighting
+from lightning_mtl.weighting.aggregators import PreferenceWeighting, psd_pinv, zero_gradients
 from lightning_mtl.weighting.base import StepContext
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
@@ -24,13 +34,14 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 def config_weights(gram: torch.Tensor, pref: torch.Tensor | None = None) -> torch.Tensor:
     """ConFIG's weights from the Gram matrix (``pref`` replaces the vector of ones)."""
     norms = gram.diagonal().clamp_min(0).sqrt()
-    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))  # a zero gradient drops out
+    live = ~zero_gradients(gram)
+    inv = torch.where(live, 1.0 / torch.where(live, norms, 1.0), 0.0)  # a zero gradient drops out
     unit_gram = gram * inv[:, None] * inv[None, :]
     target = torch.ones_like(norms) if pref is None else pref.to(norms)
-    a = torch.linalg.pinv(unit_gram, hermitian=True) @ target
+    a = psd_pinv(unit_gram) @ target
     squared = a @ unit_gram @ a
-    if squared <= 0:
-        return torch.zeros_like(norms)
+    if not squared > 1e-20 * float(target @ target):
+        return torch.zeros_like(norms)  # Uᵀa = 0: no direction has equal cosine with every task
     coefficients = inv * a
     return coefficients * (gram @ coefficients).sum() / squared
 
@@ -38,6 +49,8 @@ def config_weights(gram: torch.Tensor, pref: torch.Tensor | None = None) -> torc
 @WEIGHTINGS.register("config")
 class ConFIG(PreferenceWeighting):
     """ConFIG; ``pref_vector`` (one number per task) replaces the equal-cosine target."""
+
+    exact_gram = True  # a solve/pseudo-inverse/eigen cut-off of G: G in float64
 
     def gram_weights(
         self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext

@@ -13,7 +13,11 @@ applied to the k×|z| matrix of representation gradients; the draw is seeded by
 activations with its own draw (a shared draw would give sample j of every rank the same U): the
 global direction is the same random function of the global batch as in one process, though not
 the same draw.
-There are no task weights: ``train/weight/<task>`` logs 1.
+There are no task weights: ``train/weight/<task>`` logs 1, and ``update_every`` > 1 is refused
+(there is nothing to reuse: the direction is a new random function of each step's gradients).
+Cost: O(k·|z|) per step. Corners, as in the paper: one task keeps its whole gradient (purity 0
+or 1); an element where every gradient is zero stays zero (its purity 0/0 keeps no task, and
+no NaN reaches the sum); a zero task gradient adds nothing and does not change the purity.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class GradDrop(GradientWeighting):
     """GradDrop with per-task ``leak`` (one number, or one per task; 0 by default)."""
 
     levels = ("representation",)
+    reuses_weights = False
     level_note = "GradDrop masks gradient signs per activation of the shared representation."
 
     def __init__(

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,10 +52,27 @@ import torch
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import LEVELS, Meeting, MeetingPlace
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
-from lightning_mtl.weighting.meetings import balance, check_gradient_step, split_like, surrogate
+from lightning_mtl.weighting.jacobian import (
+    ParameterJacobian,
+    batch_halves,
+    gram64,
+    inject_into_parameters,
+    parameter_jacobian,
+)
+from lightning_mtl.weighting.meetings import (
+    LeafGrads,
+    balance,
+    check_gradient_step,
+    split_like,
+    surrogate,
+)
 from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 log = logging.getLogger(__name__)
+
+#: default of ``weighting.jacobian_budget_mb``: the params level forms the k×D Jacobian (one
+#: k-batched backward, no second one) when it takes at most this many MiB, else G alone
+JACOBIAN_BUDGET_MB = 1024.0
 
 
 def step_generator_seed(seed: int, step: int, *more: int) -> int:
@@ -65,15 +83,32 @@ def step_generator_seed(seed: int, step: int, *more: int) -> int:
 
 
 class GradientWeighting(Weighting):
-    """Base of the gradient-based methods; subclasses implement :meth:`gram_weights`.
+    """Base of the gradient-based methods; subclasses implement :meth:`gram_weights` (or
+    :meth:`jacobian_weights` with ``needs_jacobian``, :meth:`cross_gram_weights` with
+    ``needs_cross_gram``).
 
     Args:
         level: ``representation`` (gradients with respect to the backbone's output, one backward
             through the backbone) or ``params`` (with respect to the shared parameters, k more).
         seed: seeds the rule's randomness per step (see :func:`step_generator_seed`).
+
+    Options every gradient method takes (set by :meth:`configure`, from ``weighting.<option>``):
+    ``update_every`` (N: the weights are recomputed on steps that are multiples of N and reused
+    in between) and ``jacobian_budget_mb`` (params level: the most memory the k×D Jacobian may
+    take; above it only G is formed).
     """
 
     needs_gradients = True
+    #: the rule reads the k×D Jacobian itself (not only G): :meth:`jacobian_weights`
+    needs_jacobian: ClassVar[bool] = False
+    #: the rule reads ``J₁J₂ᵀ`` of the two halves of the batch: :meth:`cross_gram_weights`
+    needs_cross_gram: ClassVar[bool] = False
+    #: the rule reads a pseudo-inverse, a solve or an eigenvalue cut-off of G, so at the params
+    #: level G is formed in float64 (else each parameter's block product is float32, summed in
+    #: float64; the representation level is always float64, its G being cheap)
+    exact_gram: ClassVar[bool] = False
+    #: whether a step may reuse the weights of an earlier step (``update_every``)
+    reuses_weights: ClassVar[bool] = True
     #: the levels this rule is defined at; a subclass narrows it and says why in ``level_note``
     levels: tuple[str, ...] = LEVELS
     level_note: str = ""
@@ -88,24 +123,65 @@ class GradientWeighting(Weighting):
                 f"{', '.join(self.levels)}.{note}"
             )
         self.level, self.seed = level, int(seed)
+        self.update_every = 1
+        self.jacobian_budget_mb = JACOBIAN_BUDGET_MB
+        #: the weights of the last step that computed them (NaN: never), reused in between
+        self.register_buffer(
+            "cached_weights", torch.full((len(self.tasks),), float("nan"), dtype=torch.float64)
+        )
         #: the global k×k Gram matrix of the last step (zero rows for tasks no rank labelled)
         self.last_gram: torch.Tensor | None = None
-        self._warned_nonfinite = False
+        self._warned: set[str] = set()
         self._warned_inactive: set[str] = set()
         #: one params-level Gram engine per meeting place (by name)
         self._gramians: dict[str, SharedGramian] = {}
 
+    def configure(
+        self, update_every: int = 1, jacobian_budget_mb: float = JACOBIAN_BUDGET_MB
+    ) -> None:
+        """The options every gradient method takes (see the class docstring), checked."""
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ConfigError(f"weighting.update_every={update_every!r}; expected an integer >= 1")
+        if update_every > 1 and not self.reuses_weights:
+            raise ConfigError(
+                f"weighting.update_every={update_every} is not valid for {type(self).__name__}: "
+                "it has no weights to reuse (its direction is a new function of each step's "
+                "gradients); use update_every=1"
+            )
+        if not isinstance(jacobian_budget_mb, int | float) or jacobian_budget_mb < 0:
+            raise ConfigError(
+                f"weighting.jacobian_budget_mb={jacobian_budget_mb!r}; expected a number of MiB "
+                ">= 0 (0: never form the Jacobian where G alone will do)"
+            )
+        self.update_every, self.jacobian_budget_mb = update_every, float(jacobian_budget_mb)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # checkpoints written before update_every existed have no cached weights: start afresh
+        state_dict.setdefault(prefix + "cached_weights", self.cached_weights.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
-        """Before a step's forward pass, at the params level of a single process: hook each
-        place's modules so that G comes without the k×D Jacobian
-        (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks them all. Without this
-        call (or under DDP) the params level forms the Jacobian."""
+        """Before a step's forward pass, at the params level of a single process, when the
+        Jacobian would not fit ``jacobian_budget_mb``: hook each place's modules so that G comes
+        without the k×D Jacobian (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks
+        them all. Without this call (or under DDP) the params level forms the Jacobian."""
         for gramian in self._gramians.values():
             gramian.close()
-        if places is None or self.level != "params" or world_size != 1:
+        if places is None or self.level != "params" or world_size != 1 or self.needs_jacobian:
             return
         for place in places:
-            self._gramians.setdefault(place.name, SharedGramian()).prepare(place)
+            if not self._jacobian_fits(place):
+                self._gramians.setdefault(place.name, SharedGramian()).prepare(place)
+
+    def _jacobian_fits(self, place: MeetingPlace) -> bool:
+        rows = len(place.tasks) * (2 if self.needs_cross_gram else 1)
+        size = rows * sum(p.numel() for p in place.trainable_parameters()) * 4
+        return size <= self.jacobian_budget_mb * 2**20
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     def warn_inactive(self, place: MeetingPlace, why: str) -> None:
         """Once per place: it has nothing to balance (see :func:`balance`)."""
@@ -126,10 +202,33 @@ class GradientWeighting(Weighting):
     def gram_weights(
         self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext
     ) -> torch.Tensor:
-        """Weights of the present tasks from their m×m Gram matrix (float64).
+        """Weights of the present tasks from their m×m Gram matrix (float64, formed in float64).
 
         ``losses``: the present tasks' loss values (global under DDP), for rules that read them.
         """
+        raise NotImplementedError
+
+    def jacobian_weights(
+        self,
+        jacobian: torch.Tensor,
+        present: list[int],
+        losses: torch.Tensor,
+        context: StepContext,
+    ) -> torch.Tensor:
+        """With ``needs_jacobian``: weights from the present tasks' m×D Jacobian (float32,
+        global under DDP)."""
+        raise NotImplementedError
+
+    def cross_gram_weights(
+        self,
+        cross: torch.Tensor,
+        gram: torch.Tensor,
+        present: list[int],
+        losses: torch.Tensor,
+        context: StepContext,
+    ) -> torch.Tensor:
+        """With ``needs_cross_gram``: weights from ``J₁J₂ᵀ`` (m×m float64; J₁, J₂ the present
+        tasks' Jacobians of the two halves of the batch) and the full batch's G."""
         raise NotImplementedError
 
     def representation_direction(
@@ -137,8 +236,8 @@ class GradientWeighting(Weighting):
     ) -> torch.Tensor:
         """The gradient sent into the representation: ``Σ wᵢ ∂Lᵢ/∂z`` (GradDrop overrides it).
 
-        ``rows``: this rank's task gradients of the representation, for the tasks ``local``
-        (indices into ``self.tasks``); ``weights``: those tasks' weights.
+        ``rows``: this rank's task gradients of the representation (flat), for the tasks
+        ``local`` (indices into ``self.tasks``); ``weights``: those tasks' weights.
         """
         return weights.to(rows) @ rows
 
@@ -159,132 +258,383 @@ class GradientWeighting(Weighting):
         Lightning module gives each meeting place its own rule, see ``places.py``)."""
         return balance(losses, context, lambda place: self)
 
+    def updates_now(self, step: int) -> bool:
+        """Whether this step computes the weights (``update_every``; the same on every rank)."""
+        if self.update_every == 1 or step % self.update_every == 0:
+            return True
+        return not bool(torch.isfinite(self.cached_weights).any())
+
+    def _reused(self, indices: list[int]) -> torch.Tensor:
+        """The cached weights of ``indices``; a task never weighted yet gets the mean of the
+        cached ones (the same on every rank)."""
+        cached = self.cached_weights
+        known = cached[torch.isfinite(cached)]
+        fallback = known.mean() if known.numel() else cached.new_ones(())
+        chosen = cached[indices]
+        return torch.where(torch.isfinite(chosen), chosen, fallback)
+
+    def reused_weights(
+        self, meeting: Meeting, losses: Mapping[str, torch.Tensor], context: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """On a step that reuses the weights (``update_every``) at the only meeting place: the
+        term that sends ``Σ wᵢ ∂Lᵢ/∂z`` into it from ONE backward pass of ``Σ wᵢ Lᵢ`` through
+        the heads (no task gradient, no G, no all-reduce: the cached weights are the same on
+        every rank). None on a step that computes the weights."""
+        if self.updates_now(context.step):
+            return None
+        names = [n for n in self.tasks if n in losses and n in meeting.place.tasks]
+        weights = self._reused([self.index[n] for n in names]).float()
+        inputs = [leaf for leaf in meeting.leaves if leaf.requires_grad]
+        direction: list[torch.Tensor | None] = [None] * len(meeting.leaves)
+        if names:
+            factor = context.grad_scale or 1.0
+            weighted = sum(w * losses[n].float() for w, n in zip(weights, names, strict=True))
+            got = iter(
+                torch.autograd.grad(weighted * factor, inputs, retain_graph=True, allow_unused=True)
+            )
+            for i, leaf in enumerate(meeting.leaves):
+                grad = next(got) if leaf.requires_grad else None
+                direction[i] = None if grad is None else grad.float() / factor
+        term = surrogate(direction, meeting) + self.zero_term()
+        return term, {n: w.detach() for n, w in zip(names, weights, strict=True)}
+
     def meet(
         self,
         meeting: Meeting,
-        grads: Mapping[str, torch.Tensor],
+        grads: Mapping[str, LeafGrads],
         losses: Mapping[str, torch.Tensor],
         context: StepContext,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The rule at one meeting: G of its tasks (global under DDP), the weights, and the term
-        (zero in value) that sends ``Σ wᵢ gᵢ`` into the meeting's tensors.
+        """The rule at one meeting: G of its tasks (global under DDP, float64), the weights, and
+        the term (zero in value) that sends ``Σ wᵢ gᵢ`` into the meeting's tensors (or, with the
+        params-level Jacobian, ``Jᵀw`` into the shared parameters directly).
 
         ``grads``: this rank's gradient of each of the place's tasks with a local loss, with
-        respect to ``meeting.leaves`` (flat, float32). Tasks outside the place are absent here.
-        Returns the term and the weight of each task present at the place on any rank.
+        respect to ``meeting.leaves`` (float32, None where a task does not reach a leaf). Tasks
+        outside the place are absent here. Returns the term and the weight of each task
+        present at the place on any rank.
         """
         k = len(self.tasks)
         names = [name for name in self.tasks if name in grads]
         local = [self.index[name] for name in names]
-        scale = context.grad_scale
         device = meeting.leaves[0].device
-        width = sum(leaf.numel() for leaf in meeting.leaves)
-        rows = (
-            torch.stack([grads[n] for n in names])
-            if names
-            else torch.zeros(0, width, device=device)
-        )
-        stats = torch.zeros(2, k, device=device)
+        stats = torch.zeros(2, k, device=device, dtype=torch.float64)
         for i, name in zip(local, names, strict=True):
-            stats[0, i] = losses[name].detach().float()
+            stats[0, i] = losses[name].detach().double()
             stats[1, i] = 1.0
-        gram = self._global_gram(rows, local, stats, meeting, context)
+        update = self.updates_now(context.step)
+        solved = _Solved()
+        if update:
+            solved = self._solve_inputs(meeting, grads, names, local, stats, context)
+        elif context.all_reduce is not None:
+            stats.copy_(context.all_reduce(stats))
         present = [i for i in range(k) if stats[1, i] > 0]
         loss_values = stats[0, present] / stats[1, present]
-        self.last_gram = gram.detach()
 
-        sub = gram[present][:, present].double()
-        finite = bool(torch.isfinite(sub).all())
+        finite = True
         if not present:
-            weights = gram.new_zeros(0)
-        elif finite:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(step_generator_seed(self.seed, context.step))
-                weights = self.gram_weights(sub, present, loss_values.double(), context).float()
-        elif scale is not None:
-            # overflow under a GradScaler: NaN gradients make the scaler skip this step
-            weights = torch.full((len(present),), float("nan"), device=device)
+            weights = torch.zeros(0, device=device, dtype=torch.float64)
+        elif not update:
+            weights = self._reused(present).to(device)
         else:
-            if not self._warned_nonfinite:
-                log.warning("non-finite task gradients; %s falls back to equal weights", self)
-                self._warned_nonfinite = True
-            weights = torch.ones(len(present), device=device)
-        weights = weights.to(device)
+            self.last_gram = solved.gram.detach()
+            sub = solved.gram[present][:, present]
+            finite = bool(torch.isfinite(sub).all())
+            usable = torch.isfinite(loss_values)
+            kept = [j for j in range(len(present)) if usable[j]]
+            if finite and not bool(usable.all()):
+                # a non-finite loss with finite gradients: that task is left out of the rule
+                # (weight 0, as if absent), so no rule state sees it
+                bad = [self.tasks[present[j]] for j in range(len(present)) if not usable[j]]
+                self.warn_once(
+                    f"loss-{bad}",
+                    "%s: non-finite loss of %s; weighted as absent (weight 0) this step",
+                    type(self).__name__,
+                    bad,
+                )
+            if finite:
+                weights = torch.zeros(len(present), device=device, dtype=torch.float64)
+                if kept:
+                    keep = [present[j] for j in kept]
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(step_generator_seed(self.seed, context.step))
+                        got = self._rule_weights(
+                            solved, sub[kept][:, kept], keep, loss_values[kept], context
+                        )
+                    weights[kept] = got.to(device=device, dtype=torch.float64)
+                finite = bool(torch.isfinite(weights).all())
+                if not finite:
+                    self.warn_once(
+                        "nan-weights",
+                        "%s gave non-finite weights; equal weights this step",
+                        type(self).__name__,
+                    )
+                    weights = torch.ones(len(present), device=device, dtype=torch.float64)
+            elif context.grad_scale is not None:
+                # overflow under a GradScaler: NaN gradients make the scaler skip this step
+                weights = torch.full((len(present),), float("nan"), device=device)
+            else:
+                self.warn_once(
+                    "nonfinite",
+                    "non-finite task gradients or losses; %s falls back to equal weights",
+                    type(self).__name__,
+                )
+                weights = torch.ones(len(present), device=device, dtype=torch.float64)
+            stored = kept if finite else list(range(len(present)))
+            if stored and bool(torch.isfinite(weights).all()):
+                index = [present[j] for j in stored]
+                self.cached_weights[index] = weights[stored].to(self.cached_weights)
 
         position = {task: j for j, task in enumerate(present)}
         local_weights = weights[[position[i] for i in local]] if local else weights[:0]
-        direction = self.representation_direction(rows, local_weights, local, context)
-        total = surrogate(direction, meeting)
-        if finite:
-            extra = self.extra_loss(sub, present, loss_values.double(), context)
-            if extra is not None:
-                total = total + (extra - extra.detach())
+        if solved.jacobian is not None and present:
+            parts, factor = solved.direction(weights, present)
+            total = inject_into_parameters(parts, solved.jacobian.params, factor)
         else:
-            total = total + self.zero_term()
-        shown = {self.tasks[i]: weights[j].detach() for j, i in enumerate(present)}
+            total = surrogate(
+                self._direction(meeting, grads, names, local_weights, local, context), meeting
+            )
+        extra = None
+        if update and finite and present:
+            extra = self.extra_loss(solved.gram[present][:, present], present, loss_values, context)
+        total = total + (extra - extra.detach() if extra is not None else self.zero_term())
+        shown = {self.tasks[i]: weights[j].detach().float() for j, i in enumerate(present)}
         return total, shown
 
-    def _global_gram(
+    def _rule_weights(
         self,
-        rows: torch.Tensor,
-        local: list[int],
-        stats: torch.Tensor,
-        meeting: Meeting,
+        solved: _Solved,
+        sub: torch.Tensor,
+        present: list[int],
+        losses: torch.Tensor,
         context: StepContext,
     ) -> torch.Tensor:
-        """The k×k Gram matrix of the global batch; ``stats`` is summed over ranks in place."""
-        k = len(self.tasks)
-        if self.level == "params":
-            if context.all_reduce is None:
-                gramian = self._gramians.get(meeting.place.name)
-                local_gram = (
-                    gramian.gramian(rows, meeting.tensors, context.grad_scale) if gramian else None
-                )
-                if local_gram is not None:
-                    gram = rows.new_zeros(k, k)
-                    index = torch.tensor(local, dtype=torch.long, device=gram.device)
-                    gram[index[:, None], index[None, :]] = local_gram.to(gram)
-                    return gram
-            jacobian = self._parameter_jacobian(rows, local, meeting, context)
-            if context.all_reduce is not None:
-                jacobian = _reduce_with(jacobian, stats, context) / context.world_size
-            return jacobian @ jacobian.T
-        full = rows.new_zeros(k, rows.shape[1])
-        full[local] = rows
-        gram = full @ full.T
-        if context.all_reduce is not None:
-            gram = _reduce_with(gram, stats, context) / context.world_size**2
-        return gram
+        if self.needs_jacobian:
+            return self.jacobian_weights(solved.task_jacobian(present), present, losses, context)
+        if self.needs_cross_gram:
+            assert solved.cross is not None
+            cross = solved.cross[present][:, present]
+            return self.cross_gram_weights(cross, sub, present, losses, context)
+        return self.gram_weights(sub, present, losses, context)
 
-    def _parameter_jacobian(
-        self, rows: torch.Tensor, local: list[int], meeting: Meeting, context: StepContext
-    ) -> torch.Tensor:
-        """The k×D Jacobian of the place's shared parameters: ``(∂z/∂θ)ᵀ ∂Lᵢ/∂z`` per task."""
-        params = meeting.place.trainable_parameters()
-        tensors = meeting.tensors
-        scale = context.grad_scale or 1.0
-        jacobian = rows.new_zeros(len(self.tasks), sum(p.numel() for p in params))
-        for row, i in zip(rows, local, strict=True):
-            outputs = split_like(row * scale, tensors)
-            used = [(t, g) for t, g in zip(tensors, outputs, strict=True) if t.requires_grad]
-            grads = torch.autograd.grad(
-                [t for t, _ in used],
-                params,
-                grad_outputs=[g for _, g in used],
-                retain_graph=True,
-                allow_unused=True,
+    def _direction(
+        self,
+        meeting: Meeting,
+        grads: Mapping[str, LeafGrads],
+        names: list[str],
+        weights: torch.Tensor,
+        local: list[int],
+        context: StepContext,
+    ) -> list[torch.Tensor | None]:
+        """``Σ wᵢ gᵢ`` per leaf (None where no task reaches it); a rule that overrides
+        :meth:`representation_direction` gets the flat rows."""
+        if type(self).representation_direction is not GradientWeighting.representation_direction:
+            rows = flat_rows(grads, names, meeting)
+            return list(
+                split_like(
+                    self.representation_direction(rows, weights, local, context),
+                    meeting.leaves,
+                    keep_dtype=True,
+                )
             )
-            flat = [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                for g, p in zip(grads, params, strict=True)
+        direction: list[torch.Tensor | None] = []
+        for index in range(len(meeting.leaves)):
+            parts = [
+                (w, grads[n][index])
+                for w, n in zip(weights.float(), names, strict=True)
+                if grads[n][index] is not None
             ]
-            jacobian[i] = torch.cat(flat) / scale
-        return jacobian
+            direction.append(
+                sum((w * g for w, g in parts[1:]), start=parts[0][0] * parts[0][1])
+                if parts
+                else None
+            )
+        return direction
+
+    def _solve_inputs(
+        self,
+        meeting: Meeting,
+        grads: Mapping[str, LeafGrads],
+        names: list[str],
+        local: list[int],
+        stats: torch.Tensor,
+        context: StepContext,
+    ) -> _Solved:
+        """What the rule reads, for the global batch: G (k×k, float64) and, where the rule or
+        the params-level path needs them, the Jacobian and ``J₁J₂ᵀ``. ``stats`` (the loss
+        sums and counts) is summed over ranks in place, in the same all-reduce."""
+        k = len(self.tasks)
+        if self.level == "representation":
+            if self.needs_jacobian or self.needs_cross_gram:
+                raise ConfigError(f"{type(self).__name__} is defined at level=params only")
+            gram = place_gram(grads, names, local, k, len(meeting.leaves), stats.device)
+            if context.all_reduce is not None:
+                gram = _reduce_with(gram, stats, context) / context.world_size**2
+            return _Solved(gram)
+        cotangents = [list(grads[n]) for n in names]  # None: a tensor the task does not reach
+        shares = (1.0,)
+        if self.needs_cross_gram:
+            halves = batch_halves(meeting.tensors)
+            shares = tuple(float(h.mean()) for h in halves)
+            # each half's rows are the gradients of that half's own mean loss: masked, / share
+            cotangents = [
+                [
+                    None if c is None else c * (h / h.mean()).view(-1, *[1] * (c.dim() - 1))
+                    for c in row
+                ]
+                for h in halves
+                for row in cotangents
+            ]
+        gramian = self._gramians.get(meeting.place.name)
+        if context.all_reduce is None and gramian is not None and gramian.active:
+            engine_gram = gramian.gramian(cotangents, meeting.tensors, context.grad_scale)
+            if engine_gram is not None:
+                return _Solved.of(engine_gram.double(), local, k, shares)
+        params = meeting.place.trainable_parameters()
+        jacobian = parameter_jacobian(cotangents, meeting.tensors, params, context.grad_scale)
+        rows = list(local)  # the row of each task (halves: then the same again, + len(local))
+        if context.all_reduce is not None or self.needs_jacobian:
+            # k rows (per half) in task order: the rule reads J, or J is all-reduced
+            width = sum(p.numel() for p in params)
+            full = torch.zeros(len(shares) * k, width, device=stats.device)
+            index = torch.tensor(
+                [i + h * k for h in range(len(shares)) for i in local],
+                dtype=torch.long,
+                device=full.device,
+            )
+            if local:
+                full[index] = jacobian.matrix()
+            if context.all_reduce is not None:
+                full = _reduce_with(full, stats, context) / context.world_size
+            jacobian, rows = jacobian.with_matrix(full), list(range(k))
+        m = len(rows)
+        parts = [
+            [
+                jacobian.gram(self.exact_gram, range(a * m, (a + 1) * m), range(b * m, (b + 1) * m))
+                for b in range(len(shares))
+            ]
+            for a in range(len(shares))
+        ]
+        local_gram = sum(
+            shares[a] * shares[b] * parts[a][b]
+            for a in range(len(shares))
+            for b in range(len(shares))
+        ).to(stats.device)
+        cross = parts[0][1] if len(shares) == 2 else None
+        solved = _Solved.of(
+            local_gram, rows if rows != list(range(k)) else list(range(k)), k, None, cross
+        )
+        solved.jacobian, solved.rows, solved.shares = jacobian, rows, shares
+        return solved
+
+
+class _Solved:
+    """What one step's rule reads: G (k×k), and where formed the parameters' Jacobian (with the
+    row of each task, per half) and the cross-half Gram matrix ``J₁J₂ᵀ`` (k×k)."""
+
+    def __init__(self, gram: torch.Tensor | None = None) -> None:
+        self.gram = gram if gram is not None else torch.zeros(0, 0, dtype=torch.float64)
+        self.cross: torch.Tensor | None = None
+        self.jacobian: ParameterJacobian | None = None
+        self.rows: list[int] = []
+        self.shares: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def of(
+        cls,
+        local_gram: torch.Tensor,
+        rows: list[int],
+        k: int,
+        shares: tuple[float, ...] | None,
+        cross: torch.Tensor | None = None,
+    ) -> _Solved:
+        """From the Gram matrix of the rows ``rows`` (tasks' indices): with ``shares`` it is the
+        engine's (2m)×(2m) matrix of the two halves, combined here into G and ``J₁J₂ᵀ``."""
+        m = len(rows)
+        if shares is not None and len(shares) == 2:
+            a, b = shares
+            g = local_gram
+            cross = g[:m, m:]
+            local_gram = a * a * g[:m, :m] + a * b * (g[:m, m:] + g[m:, :m]) + b * b * g[m:, m:]
+        index = torch.tensor(rows, dtype=torch.long, device=local_gram.device)
+        solved = cls(local_gram.new_zeros(k, k))
+        solved.gram[index[:, None], index[None, :]] = local_gram
+        if cross is not None:
+            solved.cross = local_gram.new_zeros(k, k)
+            solved.cross[index[:, None], index[None, :]] = cross
+        return solved
+
+    def direction(
+        self, weights: torch.Tensor, present: list[int]
+    ) -> tuple[list[torch.Tensor], float]:
+        """``Jᵀw`` per parameter (as :meth:`ParameterJacobian.combine`: parts and a factor), for
+        the present tasks' ``weights`` (halves: the batch's J is their share-weighted sum)."""
+        assert self.jacobian is not None
+        position = {task: row for row, task in enumerate(self.rows)}
+        m = len(self.rows)
+        vector = weights.new_zeros(len(self.shares) * m, dtype=torch.float32)
+        for w, i in zip(weights.float(), present, strict=True):
+            if i in position:
+                for h, share in enumerate(self.shares):
+                    vector[position[i] + h * m] = w * share
+        return self.jacobian.combine(vector)
+
+    def task_jacobian(self, present: list[int]) -> torch.Tensor:
+        """The present tasks' rows of J as one matrix (for rules that read J)."""
+        assert self.jacobian is not None
+        return self.jacobian.matrix()[present]
+
+
+def place_gram(
+    grads: Mapping[str, LeafGrads],
+    names: list[str],
+    local: list[int],
+    k: int,
+    width: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The k×k Gram matrix (float64) of the task gradients at a meeting, formed leaf by leaf
+    over the tasks that reach each leaf only: ``G[S,S] += R Rᵀ`` with R the rows of the tasks S
+    reaching the leaf. A head that reads the pooled vector costs its 512 numbers per sample,
+    not the whole representation's (all feature maps) of zeros."""
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for leaf in range(width):
+        reach = [
+            (i, grads[n][leaf])
+            for i, n in zip(local, names, strict=True)
+            if grads[n][leaf] is not None
+        ]
+        if not reach:
+            continue
+        index = torch.tensor([i for i, _ in reach], dtype=torch.long, device=device)
+        rows = torch.stack([g.reshape(-1) for _, g in reach])
+        gram[index[:, None], index[None, :]] += gram64(rows)
+    return gram
+
+
+def flat_rows(grads: Mapping[str, LeafGrads], names: list[str], meeting: Meeting) -> torch.Tensor:
+    """The m×|z| matrix of the tasks' gradients over all leaves (zeros where not reached)."""
+    width = sum(leaf.numel() for leaf in meeting.leaves)
+    if not names:
+        return torch.zeros(0, width, device=meeting.leaves[0].device)
+    return torch.stack(
+        [
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(leaf, dtype=torch.float32)).reshape(
+                        -1
+                    )
+                    for g, leaf in zip(grads[n], meeting.leaves, strict=True)
+                ]
+            )
+            for n in names
+        ]
+    )
 
 
 def _reduce_with(tensor: torch.Tensor, stats: torch.Tensor, context: StepContext) -> torch.Tensor:
     """``tensor`` summed over the DDP ranks, in one all-reduce with ``stats`` (summed in place)."""
     assert context.all_reduce is not None
-    packed = context.all_reduce(torch.cat([tensor.flatten(), stats.flatten()]))
+    packed = context.all_reduce(torch.cat([tensor.flatten(), stats.to(tensor.dtype).flatten()]))
     stats.copy_(packed[tensor.numel() :].view_as(stats))
     return packed[: tensor.numel()].view_as(tensor)

@@ -16,6 +16,7 @@ import torch
 
 from lightning_mtl.models.meeting import Meeting, MeetingPlace
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
+from lightning_mtl.weighting.jacobian import inject_into_parameters
 
 if TYPE_CHECKING:
     from lightning_mtl.weighting.gradient import GradientWeighting
@@ -69,6 +70,10 @@ def check_gradient_step(
     return context
 
 
+#: a task's gradient at a meeting: one entry per leaf, None where the task does not reach it
+LeafGrads = list[torch.Tensor | None]
+
+
 def balance(
     losses: Mapping[str, torch.Tensor],
     context: StepContext,
@@ -81,8 +86,13 @@ def balance(
     it and the place upstream (whose tensors the modules read detached too). Places are handled
     deepest first: a task's gradient at a place is the gradient of its loss plus
     ``⟨z_q, g_q⟩`` for every later place q that the task passes (g_q its gradient there), i.e.
-    the chain rule across the cuts, one backward pass per task through the modules between the
-    place and the next cuts.
+    the chain rule across the cuts (:func:`task_gradient`, one backward pass per task through
+    the modules between the place and the next cuts). Tasks whose heads read a place's leaves
+    through their own aliases (:func:`~lightning_mtl.models.meeting.task_view`) and pass no
+    later place get their gradients from one backward pass together (:func:`view_gradients`).
+
+    A rule that reuses its weights this step (``update_every``) at the only meeting place needs
+    no task gradient at all (:meth:`GradientWeighting.reused_weights`).
 
     A place whose tensors need no gradient (everything upstream frozen), or whose shared
     parameters are all frozen, has nothing to balance: it is skipped with one warning, and its
@@ -91,7 +101,7 @@ def balance(
     meetings = list(context.meetings)
     scale = context.grad_scale
     total = sum(losses.values(), start=torch.zeros((), device=meetings[0].leaves[0].device))
-    at_place: list[dict[str, torch.Tensor]] = [{} for _ in meetings]
+    at_place: list[dict[str, LeafGrads]] = [{} for _ in meetings]
     shown_at: dict[str, dict[str, torch.Tensor]] = {}
     for index in reversed(range(len(meetings))):
         meeting = meetings[index]
@@ -104,13 +114,34 @@ def balance(
             total = total + rule.zero_term()
             if not inputs:
                 continue
-        grads = {}
-        for task in place.tasks:
-            if task in losses:
-                later = [
-                    (meetings[q], at_place[q].get(task)) for q in range(index + 1, len(meetings))
-                ]
-                grads[task] = task_gradient(losses[task], meeting, later, scale)
+        present = [task for task in place.tasks if task in losses]
+        if trainable and len(meetings) == 1:
+            reused = rule.reused_weights(meeting, losses, context)
+            if reused is not None:
+                term, shown_at[place.name] = reused
+                total = total + term
+                continue
+        later_of = {
+            task: [
+                (meetings[q], at_place[q][task])
+                for q in range(index + 1, len(meetings))
+                if task in at_place[q]
+            ]
+            for task in present
+        }
+        together = [t for t in present if not later_of[t] and t in meeting.views]
+        heads_too = len(meetings) == 1 and len(together) == len(losses) and bool(context.downstream)
+        grads, head_grads = view_gradients(
+            {t: losses[t] for t in together},
+            meeting,
+            scale,
+            context.downstream if heads_too else (),
+        )
+        if heads_too:  # the heads' gradients are in hand: Lightning's backward skips the heads
+            total = total.detach() + inject_into_parameters(*head_grads)
+        for task in present:
+            if task not in grads:
+                grads[task] = task_gradient(losses[task], meeting, later_of[task], scale)
         at_place[index] = grads
         if trainable:
             term, shown = rule.meet(meeting, grads, losses, context)
@@ -125,50 +156,82 @@ def balance(
     return Combined(total, weights, shown_at if len(shown_at) > 1 else {})
 
 
+def view_gradients(
+    losses: Mapping[str, torch.Tensor],
+    meeting: Meeting,
+    scale: float | None,
+    downstream: Sequence[torch.nn.Parameter] = (),
+) -> tuple[dict[str, LeafGrads], tuple[list[torch.Tensor], list[torch.nn.Parameter]]]:
+    """The gradients at ``meeting`` of tasks whose heads read it through their own aliases
+    (``meeting.views``), from ONE backward pass of their summed losses: each loss reaches only
+    its own task's aliases. Float32, unscaled; None where a task does not reach a leaf.
+
+    The same pass also gives the gradients of ``Σ Lᵢ`` for the ``downstream`` parameters (the
+    heads), returned with the parameters that got one."""
+    if not losses:
+        return {}, ([], [])
+    factor = scale or 1.0
+    names = list(losses)
+    slots = [(t, i, v) for t in names for i, v in enumerate(meeting.views[t]) if v is not None]
+    total = torch.stack([losses[t].float() for t in names]).sum() * factor
+    got = torch.autograd.grad(
+        total,
+        [v for _, _, v in slots] + list(downstream),
+        retain_graph=True,
+        allow_unused=True,
+    )
+    grads: dict[str, LeafGrads] = {t: [None] * len(meeting.leaves) for t in names}
+    for (task, index, _), grad in zip(slots, got[: len(slots)], strict=True):
+        if grad is not None:
+            grads[task][index] = grad.float() / factor if scale is not None else grad.float()
+    used = [(g, p) for g, p in zip(got[len(slots) :], downstream, strict=True) if g is not None]
+    return grads, (
+        [g / factor if scale is not None else g for g, _ in used],
+        [p for _, p in used],
+    )
+
+
 def task_gradient(
     loss: torch.Tensor,
     meeting: Meeting,
-    later: Sequence[tuple[Meeting, torch.Tensor | None]],
+    later: Sequence[tuple[Meeting, LeafGrads]],
     scale: float | None,
-) -> torch.Tensor:
-    """One task's gradient at ``meeting.leaves`` (flat, float32, zeros where it does not reach):
+) -> LeafGrads:
+    """One task's gradient at ``meeting.leaves`` (float32, None where it does not reach a leaf):
     of its loss, and through each later meeting q it passes, of ``⟨z_q, g_q⟩``."""
     factor = scale or 1.0
     outputs, grad_outputs = [loss * factor], [torch.ones_like(loss)]
     for other, row in later:
-        if row is None:
-            continue
-        for tensor, part in zip(
-            other.tensors, split_like(row * factor, other.tensors), strict=True
-        ):
-            if tensor.requires_grad:
+        for tensor, part in zip(other.tensors, row, strict=True):
+            if tensor.requires_grad and part is not None:
                 outputs.append(tensor)
-                grad_outputs.append(part)
+                grad_outputs.append((part * factor).to(tensor.dtype))
     inputs = [leaf for leaf in meeting.leaves if leaf.requires_grad]
     got = iter(
         torch.autograd.grad(
             outputs, inputs, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True
         )
     )
-    flat = []
+    row: LeafGrads = []
     for leaf in meeting.leaves:
         grad = next(got) if leaf.requires_grad else None
-        flat.append((grad if grad is not None else torch.zeros_like(leaf)).reshape(-1).float())
-    row = torch.cat(flat)
-    return row / factor if scale is not None else row
+        if grad is not None:
+            grad = grad.float() / factor if scale is not None else grad.float()
+        row.append(grad)
+    return row
 
 
-def surrogate(direction: torch.Tensor, meeting: Meeting) -> torch.Tensor:
-    """Zero in value; its backward sends ``d`` into the meeting's tensors (as ``⟨z, d⟩`` would).
+def surrogate(direction: Sequence[torch.Tensor | None], meeting: Meeting) -> torch.Tensor:
+    """Zero in value; its backward sends ``d`` (one part per tensor of the meeting, None for
+    zero) into the meeting's tensors (as ``⟨z, d⟩`` would).
 
     Every tensor appears (with a zero direction where no head read it), so DDP with
     ``find_unused_parameters=False`` sees a gradient for every shared parameter.
     """
-    tensors = list(meeting.tensors)
-    parts = split_like(direction, tensors, keep_dtype=True)
-    total = direction.new_zeros(())
-    for tensor, part in zip(tensors, parts, strict=True):
+    total = torch.zeros((), device=meeting.tensors[0].device)
+    for tensor, part in zip(meeting.tensors, direction, strict=True):
         if tensor.requires_grad:
+            part = torch.zeros_like(tensor, dtype=torch.float32) if part is None else part
             total = total + InjectGradient.apply(tensor, part.detach())
     return total
 

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting method")
 
+#: options every gradient method takes besides its own (GradientWeighting.configure)
+GRADIENT_OPTIONS = ("update_every", "jacobian_budget_mb")
+
 
 def build_weighting(
     name: str,
@@ -33,9 +36,18 @@ def build_weighting(
     factory = WEIGHTINGS.get(name, "weighting.name")
     if "task_weights" in inspect.signature(factory).parameters:
         kwargs["task_weights"] = dict(task_weights or {})
+    common = {key: kwargs.pop(key) for key in GRADIENT_OPTIONS if key in kwargs}
+    if common and not getattr(factory, "needs_gradients", False):
+        raise ConfigError(
+            f"weighting.{', weighting.'.join(common)} applies to gradient-based methods only; "
+            f"weighting={name} is loss-based (it costs no task gradient to amortise)"
+        )
 
     def make() -> Any:
-        return WEIGHTINGS.build(name, "weighting", list(tasks), **kwargs)
+        method = WEIGHTINGS.build(name, "weighting", list(tasks), **kwargs)
+        if common:
+            method.configure(**common)
+        return method
 
     if getattr(factory, "needs_gradients", False) and places is not None and len(places) > 1:
         from lightning_mtl.weighting.places import PlaceBalancer

@@ -12,6 +12,11 @@ random weights has not learned anything about the tasks.
 The draw comes from a generator seeded with ``(seed, step)``: every DDP rank draws the same
 weights without communication, and a resumed run draws what the uninterrupted run would have.
 Only the present tasks' entries of z enter the softmax. Cost per step: k random numbers.
+
+Corners: one task present gets weight 1; zero and negative losses are weighted as any other
+(the weights read no value). A non-finite loss counts as absent: the softmax runs over the finite
+tasks, it gets weight 0 and adds ``0·Lᵢ`` (the combined loss is NaN;
+:func:`~lightning_mtl.weighting.loss_checks.skip_non_finite`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import numpy as np
 import torch
 
 from lightning_mtl.weighting.base import LossWeighting, StepContext
+from lightning_mtl.weighting.loss_checks import CheckedLossWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 
 @WEIGHTINGS.register("rlw")
-class RandomLossWeighting(LossWeighting):
+class RandomLossWeighting(CheckedLossWeighting, LossWeighting):
     """Softmax of standard-normal logits, redrawn every step from ``(seed, step)``."""
 
     # not for the values: under DDP the global losses say which tasks any rank labelled, so

@@ -86,9 +86,13 @@ class SharedGramian:
         self._engine = None
 
     def gramian(
-        self, rows: torch.Tensor, features: Sequence[torch.Tensor], scale: float | None
+        self,
+        cotangents: Sequence[Sequence[torch.Tensor]],
+        features: Sequence[torch.Tensor],
+        scale: float | None,
     ) -> torch.Tensor | None:
-        """``G = J Jᵀ`` for the task gradients ``rows`` (m × |z|) of the representation.
+        """``G = J Jᵀ`` for the task gradients ``cotangents`` (one list per task, one part per
+        tensor of ``features``, the meeting's tensors; None for a tensor the task does not reach).
 
         The i-th output differentiated is ``⟨z, rowᵢ⟩``, whose gradient in θ is
         ``(∂z/∂θ)ᵀ rowᵢ``, the i-th row of J. With a GradScaler ``scale`` the rows are scaled
@@ -100,17 +104,16 @@ class SharedGramian:
             return None
         factor = scale or 1.0
         outputs = []
-        for row in rows:
-            parts = torch.split(row * factor, [f.numel() for f in features])
+        for row in cotangents:
             terms = [
-                (f.float() * p.view(f.shape).to(f.dtype).float()).sum()
-                for f, p in zip(features, parts, strict=True)
-                if f.requires_grad
+                (f.float() * (p * factor).to(f.dtype).float()).sum()
+                for f, p in zip(features, row, strict=True)
+                if f.requires_grad and p is not None
             ]
-            outputs.append(torch.stack(terms).sum())
+            outputs.append(torch.stack(terms).sum() if terms else features[0].new_zeros(()).float())
         try:
             if not outputs:
-                return rows.new_zeros(0, 0)
+                return torch.zeros(0, 0, device=features[0].device)
             gram = self._engine.compute_gramian(torch.stack(outputs))
         except Exception as error:  # any failure: the Jacobian path is exact
             # e.g. a module called twice or outside its forward, a ViT whose top module holds

@@ -3,6 +3,10 @@
 Task prioritisation in its simplest form: raise the weight of the task you care most about,
 or lower a task whose loss lives on a large scale. Weights come from ``weighting.weights``
 (``{task: w}``) or, where a task is not listed there, from the task's own ``weight:`` key.
+
+Corners: the weights read no value, so one task present, zero and negative losses take the fixed
+weights as they are, and a non-finite loss too (the combined loss is then non-finite and a
+GradScaler skips the step); with no state to poison it reads no loss value (no host copy).
 """
 
 from __future__ import annotations
