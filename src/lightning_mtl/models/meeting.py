@@ -27,6 +27,10 @@ class MeetingPlace:
     modules: tuple[nn.Module, ...]
     levels: tuple[str, ...] = LEVELS
     extra_parameters: tuple[nn.Parameter, ...] = ()
+    #: every trainable parameter between the upstream cut and the tensors is one of this place's
+    #: (so at the params level its Jacobian holds the whole ``Jᵀw`` and it may be put into the
+    #: parameters directly); False where other parameters (task-specific ones) sit in between
+    closed: bool = True
 
     def parameters(self) -> list[nn.Parameter]:
         seen: set[int] = set()

@@ -282,6 +282,7 @@ class GradientWeighting(Weighting):
         every rank). None on a step that computes the weights."""
         if self.updates_now(context.step):
             return None
+        self.last_gram = None  # no G this step
         names = [n for n in self.tasks if n in losses and n in meeting.place.tasks]
         weights = self._reused([self.index[n] for n in names]).float()
         inputs = [leaf for leaf in meeting.leaves if leaf.requires_grad]
@@ -336,6 +337,7 @@ class GradientWeighting(Weighting):
             weights = torch.zeros(0, device=device, dtype=torch.float64)
         elif not update:
             weights = self._reused(present).to(device)
+            self.last_gram = None  # no G this step (the conflict monitor measures its own)
         else:
             self.last_gram = solved.gram.detach()
             sub = solved.gram[present][:, present]
@@ -387,7 +389,7 @@ class GradientWeighting(Weighting):
 
         position = {task: j for j, task in enumerate(present)}
         local_weights = weights[[position[i] for i in local]] if local else weights[:0]
-        if solved.jacobian is not None and present:
+        if solved.jacobian is not None and present and meeting.place.closed:
             parts, factor = solved.direction(weights, present)
             total = inject_into_parameters(parts, solved.jacobian.params, factor)
         else:

@@ -80,31 +80,32 @@ class ParameterJacobian:
         return [[block[r] for r in rows] for block in self._blocks]
 
     def gram(self, exact: bool, rows: range, other: range | None = None) -> torch.Tensor:
-        """``J_a J_bᵀ`` over the rows ``rows`` (a) and ``other`` (b, default a), float64. With
-        ``exact`` formed in float64 (see the module docstring); otherwise each parameter's
-        products in float32, summed in float64."""
+        """``J_a J_bᵀ`` over the rows ``rows`` (a) and ``other`` (b, default a), float64 (on the
+        CPU). With ``exact`` formed in float64 (see the module docstring); otherwise each
+        parameter's products in float32, summed in float64. Accumulated on the Jacobian's device
+        and moved once (no host sync per product)."""
         other = rows if other is None else other
-        total = torch.zeros(len(rows), len(other), dtype=torch.float64)
-        if self._blocks is not None and not exact:
+        device = self.params[0].device if self.params else torch.device("cpu")
+        total = torch.zeros(len(rows), len(other), dtype=torch.float64, device=device)
+        if self._blocks is not None:
             for block in self._blocks:
-                total += (
-                    (block[rows.start : rows.stop] @ block[other.start : other.stop].T)
-                    .double()
-                    .cpu()
-                )
-            return total
+                a, b = block[rows.start : rows.stop], block[other.start : other.stop]
+                total += a.double() @ b.double().T if exact else (a @ b.T).double()
+            return total.cpu()
         same = rows == other
         for left, right in zip(self.pieces(rows), self.pieces(other), strict=True):
             if exact:
-                left = [v.double() for v in left]
-                right = left if same else [v.double() for v in right]
-            for i, a in enumerate(left):  # dot products: no stacked copy of the rows
+                a = torch.stack(left).double()
+                b = a if same else torch.stack(right).double()
+                total += a @ b.T
+                continue
+            for i, x in enumerate(left):  # dot products: no stacked copy of the rows
                 for j in range(i if same else 0, len(right)):
-                    value = float(torch.dot(a, right[j]))
+                    value = torch.dot(x, right[j]).double()
                     total[i, j] += value
                     if same and j != i:
                         total[j, i] += value
-        return total
+        return total.cpu()
 
     def combine(self, weights: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         """``Jᵀw`` per parameter as ``(parts, factor)`` with ``Jᵀw = factor · parts`` (shaped like

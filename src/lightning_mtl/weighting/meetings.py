@@ -100,7 +100,8 @@ def balance(
     """
     meetings = list(context.meetings)
     scale = context.grad_scale
-    total = sum(losses.values(), start=torch.zeros((), device=meetings[0].leaves[0].device))
+    loss_sum = sum(losses.values(), start=torch.zeros((), device=meetings[0].leaves[0].device))
+    total = torch.zeros((), device=loss_sum.device)  # the terms besides Σ Lᵢ
     at_place: list[dict[str, LeafGrads]] = [{} for _ in meetings]
     shown_at: dict[str, dict[str, torch.Tensor]] = {}
     for index in reversed(range(len(meetings))):
@@ -130,7 +131,13 @@ def balance(
             for task in present
         }
         together = [t for t in present if not later_of[t] and t in meeting.views]
-        heads_too = len(meetings) == 1 and len(together) == len(losses) and bool(context.downstream)
+        heads_too = (
+            len(meetings) == 1
+            and trainable
+            and bool(losses)
+            and len(together) == len(losses)
+            and bool(context.downstream)
+        )
         grads, head_grads = view_gradients(
             {t: losses[t] for t in together},
             meeting,
@@ -138,7 +145,8 @@ def balance(
             context.downstream if heads_too else (),
         )
         if heads_too:  # the heads' gradients are in hand: Lightning's backward skips the heads
-            total = total.detach() + inject_into_parameters(*head_grads)
+            loss_sum = loss_sum.detach()
+            total = total + inject_into_parameters(*head_grads).to(total.device)
         for task in present:
             if task not in grads:
                 grads[task] = task_gradient(losses[task], meeting, later_of[task], scale)
@@ -153,7 +161,7 @@ def balance(
             weights.setdefault(task, weight)
     for task, loss in losses.items():  # balanced nowhere (every place skipped): its loss as is
         weights.setdefault(task, torch.ones((), device=loss.device))
-    return Combined(total, weights, shown_at if len(shown_at) > 1 else {})
+    return Combined(loss_sum + total, weights, shown_at if len(shown_at) > 1 else {})
 
 
 def view_gradients(

@@ -81,7 +81,7 @@ class Adapters(Architecture):
         if not freeze_base:
             base = tuple(self.base_parameters)
             self.places.append(
-                MeetingPlace("adapted", tuple(self.task_names), (), ("params",), base)
+                MeetingPlace("adapted", tuple(self.task_names), (), ("params",), base, closed=False)
             )
 
     def _ranks(self, rank: Any, budget: Any, per_rank: int, key: str) -> dict[str, int]:

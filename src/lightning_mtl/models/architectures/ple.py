@@ -148,7 +148,8 @@ class PLE(Architecture):
             )
             modules = (experts,) if level == 0 else (experts, self.shared_gates[level - 1])
             label = "experts" if levels == 1 else f"level{level}"
-            self.places.append(MeetingPlace(label, tuple(names), modules))
+            # task gates and own experts may sit before the tensors: not closed
+            self.places.append(MeetingPlace(label, tuple(names), modules, closed=False))
 
     # ----------------------------------------------------------------------------- parameters
     def stage_parameters(self) -> list[list[nn.Parameter]]:
