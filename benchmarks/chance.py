@@ -27,8 +27,10 @@ def main(overrides: list[str]) -> None:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     model = hydra.utils.instantiate(cfg.model)
-    fit = list(DataLoader(datamodule.splits["train"], batch_size=64))
-    test = list(DataLoader(datamodule.splits["test"], batch_size=64))
+    datamodule.setup("test")
+    # the Shapes scenes themselves (the data module's one source)
+    fit = list(DataLoader(datamodule.splits["train"].datasets[0], batch_size=64))
+    test = list(DataLoader(datamodule.splits["test"].datasets[0], batch_size=64))
     for task, values in chance_metrics(model.tasks, fit, test).items():
         print(f"{task:16s} " + "  ".join(f"{name}={value:.3f}" for name, value in values.items()))
 

@@ -3,7 +3,7 @@
 Both loaders deliver the same N generated Shapes samples per epoch at the same batch size:
 
 * ``single``: one :class:`~lightning_mtl.data.ShapesSource` of N samples in a plain shuffled
-  ``DataLoader`` (what ``ShapesDataModule`` does);
+  ``DataLoader`` (what ``ShapesDataModule`` did before it became merged data with one source);
 * ``merged``: the same N samples split into two sources (its first and second halves, as
   ``torch.utils.data.Subset``) merged by :class:`~lightning_mtl.data.MergedDataModule`: the
   multi-source sampler, the per-sample source bookkeeping and the masking collate.

@@ -112,7 +112,8 @@ def main() -> None:
         cfg.model.scheduler = None  # the hand-written loop has none either
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
-    loader = DataLoader(datamodule.splits["train"], batch_size=args.batch_size, shuffle=False)
+    scenes = datamodule.splits["train"].datasets[0]  # the Shapes data module's one source
+    loader = DataLoader(scenes, batch_size=args.batch_size, shuffle=False)
     batches = []
     for batch in loader:
         batches.append(batch)

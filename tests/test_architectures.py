@@ -261,12 +261,24 @@ def test_each_meeting_place_of_a_tree_gets_the_rule_applied_to_its_own_tasks_gra
 GRADIENT_METHODS = [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n, "x").needs_gradients]
 
 
-@pytest.mark.parametrize("name", ["hard", pytest.param("branched", marks=pytest.mark.slow)])
+# A loss-based, a stateful and three gradient methods (both levels) in the default suite; every
+# method, and the branched tree, under the slow marker (each case builds a model: ~3 s).
+FROZEN_SAMPLE = ["equal", "uncertainty", "famo", "upgrad", "mgda", "nash_mtl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "methods"),
+    [
+        ("hard", FROZEN_SAMPLE),
+        pytest.param("hard", None, marks=pytest.mark.slow),
+        pytest.param("branched", None, marks=pytest.mark.slow),
+    ],
+)
 def test_a_fully_frozen_backbone_trains_the_heads_with_every_balancer(
-    name: str, caplog: pytest.LogCaptureFixture
+    name: str, methods: list[str] | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     batch = batch_of(4)
-    for method in WEIGHTINGS.names():
+    for method in methods or WEIGHTINGS.names():
         levels = WEIGHTINGS.get(method, "x").levels if method in GRADIENT_METHODS else [None]
         for level in levels:
             overrides = [f"weighting={method}", *([f"weighting.level={level}"] if level else [])]

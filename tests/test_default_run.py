@@ -17,8 +17,8 @@ def test_default_experiment_beats_chance_on_every_task(tmp_path: Path) -> None:
     cfg = compose_config("train", ["callbacks.rich_progress_bar=null"], tmp_path)
     metrics, objects = train(cfg)
     datamodule, model = objects["datamodule"], objects["model"]
-    fit = list(DataLoader(datamodule.splits["train"], batch_size=64))
-    test = list(DataLoader(datamodule.splits["test"], batch_size=64))
+    fit = list(DataLoader(datamodule.splits["train"].datasets[0], batch_size=64))
+    test = list(DataLoader(datamodule.splits["test"].datasets[0], batch_size=64))
     chance = chance_metrics(model.tasks, fit, test)
 
     def got(task: str, metric: str) -> float:

@@ -92,3 +92,14 @@ def test_train_stops_before_the_trainer_exists(
     with pytest.raises(ConfigError, match=r"tasks\.colors: the MultiLabelHead outputs \(4,\)"):
         train(make_cfg("tasks.colors.head.num_labels=4"))
     assert not (tmp_path / "csv").exists()  # no logger, no trainer, no step ran
+
+
+def test_config_error_is_found_inside_hydra_wrappers(make_cfg: Callable[..., DictConfig]) -> None:
+    """What `mtl-train` prints (no trace) when a `_target_` raises a ConfigError."""
+    from lightning_mtl.utils.setup import config_error_in
+
+    with pytest.raises(Exception) as info:
+        hydra.utils.instantiate(make_cfg("model.backbone.name=resnet19").model)
+    assert not isinstance(info.value, ConfigError)  # Hydra's InstantiationException
+    assert "resnet19" in str(config_error_in(info.value))
+    assert config_error_in(ValueError("a library's own error")) is None

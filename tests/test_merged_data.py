@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import logging
@@ -24,6 +25,7 @@ from lightning_mtl.metrics import R2Score
 from lightning_mtl.train import train
 from lightning_mtl.weighting import WEIGHTINGS
 from tests.conftest import FAST, compose_config
+from tests.test_data import Killed
 
 SMALL = [
     "experiment=shapes_heterogeneous",
@@ -47,6 +49,13 @@ def fast(*more: str) -> list[str]:
 
 def config(out: Path, *more: str) -> DictConfig:
     return compose_config("train", fast(*more), out)
+
+
+def lean_config(out: Path, *more: str) -> DictConfig:
+    """``config`` without the default callbacks (no checkpoint files, no monitors): for the
+    resume tests, which write the one checkpoint they resume from themselves."""
+    overrides = [o for o in fast(*more) if not o.startswith("callbacks.")]
+    return compose_config("train", ["callbacks=none", *overrides], out)
 
 
 def epoch_items(sampler: MultiSourceSampler, world_size: int) -> list[list[tuple[int, int]]]:
@@ -209,22 +218,12 @@ def test_data_module_merges_labels_and_refuses_conflicts() -> None:
         MergedDataModule({"a": source(["count"], 1)}, sampling={"temperature": 2})
 
 
-class StopAtStep(L.Callback):
-    """Interrupts training after ``step`` optimizer steps, as a crash or a time limit would
-    (unlike ``max_steps``, which would also change the LR schedule's length)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
-STOP_AT_10 = [
-    "+callbacks.stop={_target_: tests.test_merged_data.StopAtStep, step: 10}",
-    "+callbacks.model_checkpoint.every_n_train_steps=10",
-]
+def kill_after_10(out: Path) -> list[str]:
+    """Overrides that save ``out/step10.ckpt`` after step 10 and then end training abruptly."""
+    path = out / "step10.ckpt"
+    return [
+        f"+callbacks.kill={{_target_: tests.test_data.KillAfterStep, step: 10, path: '{path}'}}"
+    ]
 
 
 class SampleRecorder(L.Callback):
@@ -239,6 +238,11 @@ class SampleRecorder(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         Path(f"{self.path}.{trainer.global_rank}").write_text(json.dumps(self.rows))
+
+    def on_exception(
+        self, trainer: L.Trainer, module: L.LightningModule, error: BaseException
+    ) -> None:
+        self.on_train_end(trainer, module)
 
 
 def test_heterogeneous_experiment_trains_with_metrics_per_source_and_task(tmp_path: Path) -> None:
@@ -267,7 +271,8 @@ def test_heterogeneous_experiment_trains_with_metrics_per_source_and_task(tmp_pa
 def test_resume_mid_epoch_continues_the_same_sampling_sequence(tmp_path: Path) -> None:
     def run(out: Path, *more: str) -> list:
         record = out / "seen"
-        cfg = config(
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = lean_config(
             out,
             "trainer.max_epochs=2",
             "trainer.limit_val_batches=1",
@@ -276,14 +281,13 @@ def test_resume_mid_epoch_continues_the_same_sampling_sequence(tmp_path: Path) -
             f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
             *more,
         )
-        train(cfg)
+        with contextlib.suppress(Killed):  # the first part ends killed after step 10
+            train(cfg)
         return json.loads(Path(f"{record}.0").read_text())
 
     whole = run(tmp_path / "whole")
-    first = run(tmp_path / "first", *STOP_AT_10)  # stops mid-epoch 1 (7 steps per epoch)
-    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    rest = run(tmp_path / "rest", f"ckpt_path={last}")
+    first = run(tmp_path / "first", *kill_after_10(tmp_path))  # mid-epoch 1 (7 steps per epoch)
+    rest = run(tmp_path / "rest", f"ckpt_path={tmp_path / 'step10.ckpt'}")
     assert [r[2] for r in first] == [r[2] for r in whole[:10]]
     assert [r[2] for r in rest] == [r[2] for r in whole[10:]]  # no batch repeated or skipped
 
@@ -396,7 +400,7 @@ def test_a_resumed_run_continues_with_exactly_the_weights_of_an_uninterrupted_on
     stopped."""
 
     def weights(out: Path, *more: str) -> dict[int, dict[str, str]]:
-        cfg = config(
+        cfg = lean_config(
             out,
             f"weighting={method}",
             "trainer.max_epochs=3",  # DWA's weights move from the third epoch
@@ -413,8 +417,9 @@ def test_a_resumed_run_continues_with_exactly_the_weights_of_an_uninterrupted_on
         }
 
     whole = weights(tmp_path / "whole")
-    weights(tmp_path / "first", *STOP_AT_10)
-    rest = weights(tmp_path / "rest", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}")
+    with pytest.raises(Killed):
+        weights(tmp_path / "first", *kill_after_10(tmp_path))
+    rest = weights(tmp_path / "rest", f"ckpt_path={tmp_path / 'step10.ckpt'}")
     assert sorted(rest) == list(range(10, 21))
     assert rest == {step: whole[step] for step in rest}
     assert len({tuple(w.values()) for w in rest.values()}) > 1  # the weights do move
@@ -480,3 +485,41 @@ def test_evaluation_batches_are_read_once_across_ranks_and_resume_adapts_to_a_ne
         loader = dm.train_dataloader()
     assert loader.sampler._resume == (0, 4)  # 16 samples seen = 4 steps of 4
     assert "instead of the checkpoint's 8" in caplog.text
+
+
+class Drawn(torch.utils.data.Dataset):
+    """A source with training augmentation: its ``count`` label is the draw it was read with
+    (-1: a plain ``dataset[i]``, as evaluation reads)."""
+
+    target_names = ("count",)
+
+    def __init__(self, split: str = "train") -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return 12
+
+    def load(self, index: int, draw: int | None = None) -> dict:
+        value = torch.tensor([float(-1 if draw is None else draw)])
+        return {"image": torch.zeros(3, 4, 4), "targets": {"count": value}, "mask": {}}
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(index, None)
+
+
+def test_training_reads_carry_draws_the_same_in_workers_and_after_a_resume() -> None:
+    """Each training access gets its own draw (its position in the source's stream), passed to
+    ``load(index, draw)``: augmentation is reproducible in DataLoader workers and resumes."""
+    dm = MergedDataModule({"a": Drawn}, batch_size=4, num_workers=1)  # keys pickled to a worker
+    loader = dm.train_dataloader()
+    draws = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        draws += [batch["targets"]["count"].flatten().tolist() for batch in loader]
+    assert sorted(d for batch in draws for d in batch) == list(range(24))
+    resumed = MergedDataModule({"a": Drawn}, batch_size=4)
+    resumed.load_state_dict({"epoch": 1, "batches": 1, "global_batch": 4})
+    assert [b["targets"]["count"].flatten().tolist() for b in resumed.train_dataloader()] == draws[
+        4:
+    ]
+    assert next(iter(dm.val_dataloader()[0]))["targets"]["count"].flatten().tolist() == [-1.0] * 4

@@ -134,6 +134,9 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
     from torchjd.linalg import QuadprogProjector
 
     overrides = ("weighting=upgrad", f"weighting.level={level}")
+    # A fixed initialisation: the comparison must not depend on what ran before in the suite (it
+    # failed once in a full-suite order, never alone nor with seeds 0-11; see the issue-11 note)
+    torch.manual_seed(0)
     module = hydra.utils.instantiate(
         make_cfg(*overrides, f"weighting.jacobian_budget_mb={budget}").model
     )

@@ -423,3 +423,40 @@ def test_every_source_batches_with_default_collate(tmp_path: Path) -> None:
         assert batch["mask"][key].shape == (2,) and batch["mask"][key].dtype == torch.bool
     assert batch["mask"]["age"].tolist() == [True, True]
     assert batch["targets"]["tags"].shape == (2, 5) and batch["targets"]["age"].shape == (2, 1)
+
+
+# ------------------------------------------------------------------ pre-flight: verify, label_values
+
+
+def test_verify_finds_a_truncated_jpeg_and_label_values_read_the_tables(tmp_path: Path) -> None:
+    write_celeba(tmp_path / "celeba")
+    path = tmp_path / "celeba" / "img_align_celeba" / "000002.jpg"
+    noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)  # a JPEG with a real entropy-coded stream
+    celeba = CelebA(tmp_path / "celeba", split="train")
+    for index in range(len(celeba)):
+        celeba.verify(index)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(DataError, match=rf"CelebA: cannot read image {re.escape(str(path))}"):
+        celeba.verify(1)
+    values = celeba.label_values("attributes")
+    assert values is not None and values.shape == (3, 40)
+    assert torch.equal(values[2], torch.tensor([(v + 1) / 2 for v in attribute_row(2)]))
+    assert celeba.label_values("Smiling") is None
+
+    write_csv(tmp_path / "csv")
+    table = CsvImageFolder(tmp_path / "csv", split="train", columns=COLUMNS)
+    table.verify(1)  # a PNG: chunk checksums, no decode
+    assert torch.equal(table.label_values("gender"), torch.tensor([1]))  # c.png: unlabelled
+    expected_tags = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 1]])
+    assert torch.equal(table.label_values("tags"), expected_tags)
+    assert table.label_values("age") is None  # regression: no classes to check
+
+    write_office31(tmp_path / "office", per_class=3)
+    office = OfficeDomain(tmp_path / "office", "webcam", split="train")
+    office.verify(0)
+    labels = office.label_values("webcam")
+    assert labels is not None and labels.dtype == torch.int64
+    assert labels.tolist() == [label for _, label in office.samples]
+    assert sorted(set(labels.tolist())) == [0, 1, 2]

@@ -80,7 +80,7 @@ def _message(excinfo: pytest.ExceptionInfo[DataError]) -> str:
 # ------------------------------------------------------------------------------------ reading
 def test_nyuv2_reads_every_target_at_native_size(nyu: tuple[Path, Arrays]) -> None:
     root, written = nyu
-    dataset = NYUv2(root, split="train")
+    dataset = NYUv2(root, split="train", augment=False)
     assert len(dataset) == 3 and len(NYUv2(root, split="val")) == 2
     assert dataset.target_names == ("segmentation", "depth", "normals")
     assert NYUv2.num_classes == {"segmentation": 13} and NYUv2.num_labels == {}
@@ -135,7 +135,7 @@ def test_image_size_resizes_each_target_as_its_values_allow(nyu: tuple[Path, Arr
     root, written = nyu
     label, depth = written["train"]["label"][0], written["train"]["depth"][0][..., 0]
     # Down by 2: nearest keeps every other pixel, so the values are the written ones.
-    small = NYUv2(root, image_size=(6, 8))[0]
+    small = NYUv2(root, image_size=(6, 8), augment=False)[0]
     assert small["image"].shape == (3, 6, 8)
     seg, dep = small["targets"]["segmentation"], small["targets"]["depth"]
     assert seg.shape == (6, 8) and seg.dtype == torch.int64
@@ -145,7 +145,7 @@ def test_image_size_resizes_each_target_as_its_values_allow(nyu: tuple[Path, Arr
     assert small["targets"]["normals"].shape == (3, 6, 8)
 
     # Up by 2 (an int gives a square; here [24, 32] keeps the aspect).
-    large = NYUv2(root, image_size=[24, 32])[0]
+    large = NYUv2(root, image_size=[24, 32], augment=False)[0]
     dep = large["targets"]["depth"][0]
     assert torch.equal(dep, torch.from_numpy(np.repeat(np.repeat(depth, 2, 0), 2, 1)))
     assert int((dep == 0).sum()) == 4 * 16  # missing depth stays 0, never blended
@@ -160,32 +160,9 @@ def test_image_size_resizes_each_target_as_its_values_allow(nyu: tuple[Path, Arr
         NYUv2(root, image_size=0)
 
 
-def test_augment_flips_train_samples_deterministically(nyu: tuple[Path, Arrays]) -> None:
-    root, _ = nyu
-    draws = {
-        seed: [np.random.default_rng((seed, i)).random() < 0.5 for i in range(3)]
-        for seed in range(50)
-    }
-    seed = next(s for s, flips in draws.items() if any(flips) and not all(flips))
-    plain, augmented = NYUv2(root), NYUv2(root, augment=True, seed=seed)
-    for i, flipped in enumerate(draws[seed]):
-        a, b = plain[i], augmented[i]
-        if not flipped:
-            assert torch.equal(a["image"], b["image"])
-            continue
-        assert torch.equal(b["image"], a["image"].flip(-1))
-        assert torch.equal(b["targets"]["segmentation"], a["targets"]["segmentation"].flip(-1))
-        assert torch.equal(b["targets"]["depth"], a["targets"]["depth"].flip(-1))
-        normals, original = b["targets"]["normals"], a["targets"]["normals"].flip(-1)
-        assert torch.equal(normals[0], -original[0])  # x points the other way
-        assert torch.equal(normals[1:], original[1:])
-        assert torch.equal(augmented[i]["image"], b["image"])  # same draw every time
-    assert not NYUv2(root, split="val", augment=True).augment  # train split only
-
-
 def test_cityscapes_reads_the_label_folder_of_num_classes(city: tuple[Path, Arrays]) -> None:
     root, written = city
-    seven = Cityscapes(root)
+    seven = Cityscapes(root, augment=False)
     assert len(seven) == 3 and seven.target_names == ("segmentation", "depth")
     assert seven.num_classes == {"segmentation": 7}
     sample = seven[2]
@@ -325,6 +302,9 @@ def test_configs_build_the_sources_and_the_tasks_ignore_missing_labels(
     source = OmegaConf.to_container(cfg.data.source, resolve=True)
     dataset = instantiate({**source, "root": str(nyu_root)})(split="val")
     assert isinstance(dataset, NYUv2) and len(dataset) == 2
+    assert source["augment"] and dataset.augmenter is None  # evaluation never augments
+    train = instantiate({**source, "root": str(nyu_root)})(split="train")
+    assert train.augmenter is not None and train.augmenter.scales == (1.0, 1.2, 1.5)
     batch = default_collate([dataset[0], dataset[1]])
     targets = batch["targets"]
 
@@ -354,3 +334,30 @@ def test_configs_build_the_sources_and_the_tasks_ignore_missing_labels(
     source = OmegaConf.to_container(cfg.data.source, resolve=True)
     dataset = instantiate({**source, "root": str(city_root)})(split="test")
     assert isinstance(dataset, Cityscapes) and len(dataset) == 2
+
+
+# ------------------------------------------------------------------------------ verify (pre-flight)
+def test_verify_reads_headers_and_ids_and_names_the_broken_file(nyu: tuple[Path, Arrays]) -> None:
+    root, _ = nyu
+    dataset = NYUv2(root)
+    for index in range(len(dataset)):
+        dataset.verify(index)
+    assert dataset._accesses == 0  # verifying does not shift the training's augmentation draws
+    assert dataset.label_values("segmentation") is None  # dense labels: no table to read
+
+    mask = root / "train" / "label" / "1.npy"
+    np.save(mask, np.zeros((H, W - 1), np.float32))
+    with pytest.raises(DataError) as err:
+        dataset.verify(1)
+    assert f"{mask} has shape 12×15; expected 12×16 (the image's H×W)" in _message(err)
+
+    depth = root / "train" / "depth" / "2.npy"
+    depth.write_bytes(depth.read_bytes()[:-40])  # truncated: the header promises more data
+    with pytest.raises(DataError, match=rf"cannot read {depth}"):
+        dataset.verify(2)
+
+    label = np.zeros((H, W), np.float32)
+    label[2, 2] = np.nan
+    np.save(root / "train" / "label" / "0.npy", label)
+    with pytest.raises(DataError, match=r"0\.npy holds NaN or inf class ids; expected -1"):
+        dataset.verify(0)

@@ -244,10 +244,13 @@ def test_wandb_offline_run_writes_its_files(
 
 
 def _ddp_cases() -> list:
-    """famo (all-reduced losses) and pcgrad at the params level (all-reduced Jacobian, seeded
-    order) in the default suite; every other method under the ``slow`` marker."""
-    fast = ["famo", "pcgrad@params"]
-    slow = [m for m in sorted(WEIGHTINGS.names()) if m not in {"famo"}] + ["upgrad@params"]
+    """famo (all-reduced losses) in the default suite; every other method, and pcgrad and upgrad
+    at the params level (all-reduced Jacobian, seeded order), under the ``slow`` marker
+    (``tests/test_weighting_ddp.py`` compares every method's DDP step with one process in the
+    default suite)."""
+    fast = ["famo"]
+    slow = [m for m in sorted(WEIGHTINGS.names()) if m not in {"famo"}]
+    slow += ["pcgrad@params", "upgrad@params"]
     return fast + [pytest.param(m, marks=pytest.mark.slow) for m in slow]
 
 

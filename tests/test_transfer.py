@@ -202,18 +202,20 @@ def test_shapes_keep_their_own_statistics_by_default_and_can_follow_the_backbone
 
     default = module()
     default.setup("validate")
-    dataset = default.splits["val"]
+    dataset = default.splits["val"].datasets[0]  # the one source, "shapes"
     scene, _ = dataset.render(np.random.default_rng((dataset.seed, 0)))
     # the default run's images, bit for bit: the generated data's statistics, backbone or not
     assert torch.equal(dataset[0]["image"], torch.from_numpy((scene - IMAGE_MEAN) / IMAGE_STD))
     assert compose_config("train", []).data.normalization == "dataset"
     follows = module(normalization="backbone")
     follows.setup("validate")
-    assert torch.equal(follows.splits["val"][0]["image"], (torch.from_numpy(scene) - 0.5) / 0.5)
+    image = follows.splits["val"].datasets[0][0]["image"]
+    assert torch.equal(image, (torch.from_numpy(scene) - 0.5) / 0.5)
     explicit = module(normalization=EXPLICIT)
     explicit.setup("validate")
     expected = normalised(torch.from_numpy(scene), EXPLICIT["mean"], EXPLICIT["std"])
-    torch.testing.assert_close(explicit.splits["val"][0]["image"], expected, rtol=0, atol=1e-6)
+    image = explicit.splits["val"].datasets[0][0]["image"]
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
     assert follows.hparams.normalization == "backbone"
     saved = ShapesDataModule(normalization=OmegaConf.create(EXPLICIT)).hparams.normalization
     assert saved == EXPLICIT and type(saved) is dict  # plain values in checkpoints

@@ -1,8 +1,14 @@
-"""One exception type for every configuration mistake the template can detect before training."""
+"""The template's own errors: its messages name the key, file or value and what was expected,
+so the entry points print them without a trace and exit 1."""
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong. The message names the key, the value and what was expected."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on purpose (e.g. NaN losses many steps in a row). The message names what
+    happened, where, and the setting that governs it."""
 
 
 class DataError(ConfigError):

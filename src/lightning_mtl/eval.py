@@ -1,10 +1,12 @@
 """Evaluate a checkpoint on the validation and test splits.
 
     mtl-eval ckpt_path=logs/train/runs/<date>/checkpoints/last.ckpt
+    mtl-eval ckpt_path=logs/train/runs/<date>      # the run's newest complete checkpoint
 
 The backbone, architecture, tasks and weighting are those saved in the checkpoint's
 hyperparameters, so no training override needs repeating; data, trainer and logger come from the eval config. The
-weights (the balancer's state included) are loaded strictly.
+weights (the balancer's state included) are loaded strictly, with ``weights_only=True``; a file
+that is not a checkpoint of this template stops the run with one message naming it.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.utils.setup import (
     apply_extras,
+    config_error_in,
     configure_environment,
     instantiate_mapping,
     log_hyperparameters,
+    report_error,
     set_float32_matmul_precision,
 )
 
@@ -38,8 +42,7 @@ def saved_model(ckpt_path: str) -> dict[str, Any]:
     """The backbone, architecture, tasks and weighting a checkpoint was trained with (from its
     hyperparameters). They override the eval config's, so ``mtl-eval ckpt_path=...`` needs no
     training overrides."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved = checkpoint.get("hyper_parameters", {})
+    saved = read_checkpoint(ckpt_path, mmap=True)["hyper_parameters"]
     missing = set(SAVED_KEYS) - set(saved)
     if missing:
         log.warning("%s has no %s hyperparameters: using the config's", ckpt_path, sorted(missing))
@@ -50,31 +53,44 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is required: mtl-eval ckpt_path=path/to/checkpoint.ckpt")
-    if not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    # A file or a run folder (its newest complete checkpoint), checked before anything is built.
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir, for_training=False)
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r}: expected a checkpoint file or a run folder"
+        )
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     set_float32_matmul_precision()
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **saved_model(cfg.ckpt_path))
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **saved_model(ckpt_path))
     share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
+    plugins = with_safe_checkpoint_io(hydra.utils.instantiate(cfg.trainer.get("plugins")))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, plugins=plugins)
     log_hyperparameters(cfg, trainer)
 
     metrics: dict[str, float] = {}
     for run in (trainer.validate, trainer.test):
-        for results in run(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path):
+        for results in run(model=model, datamodule=datamodule, ckpt_path=ckpt_path):
             metrics.update({key: float(value) for key, value in results.items()})
     return metrics
 
 
 def main() -> None:
-    hydra.main(version_base="1.3", config_path=configure_environment(), config_name="eval")(
-        evaluate
-    )()
+    def run(cfg: DictConfig) -> None:
+        try:
+            evaluate(cfg)
+        except Exception as error:
+            cause = config_error_in(error)
+            if cause is None:
+                raise
+            report_error(cause)  # the message names the file or key: no trace, exit code 1
+            raise SystemExit(1) from None
+
+    hydra.main(version_base="1.3", config_path=configure_environment(), config_name="eval")(run)()
 
 
 if __name__ == "__main__":

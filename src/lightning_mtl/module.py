@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from lightning_mtl.callbacks.balancer_rollback import BalancerRollback, grad_scale
+from lightning_mtl.callbacks.nonfinite import NonFiniteGuard
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.architectures import Meeting, architecture_options, build_architecture
 from lightning_mtl.models.backbone import Backbone
 from lightning_mtl.models.net import MultiTaskNet
+from lightning_mtl.nonfinite import NonFinitePolicy, check_losses, parameter_zero_term
 from lightning_mtl.optim import (
     build_optimizer,
     check_implementation,
@@ -80,6 +82,8 @@ class MultiTaskModule(L.LightningModule):
         train_metrics: also compute metrics on training batches (costs a little per step).
         compile: ``torch.compile`` the network (true, or the options of ``torch.compile`` such as
             ``{mode: max-autotune}``); ``channels_last``: NHWC memory format.
+        nonfinite_loss: ``{policy: skip_step | drop_task, max_consecutive: n}``, what a step with a
+            NaN/inf task loss does (see :mod:`lightning_mtl.nonfinite`).
     """
 
     def __init__(
@@ -98,10 +102,11 @@ class MultiTaskModule(L.LightningModule):
         compile: bool | Mapping[str, Any] = False,
         channels_last: bool = False,
         optimizer_impl: str = "auto",
+        nonfinite_loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        backbone, tasks, weighting, compile = map(
-            plain_container, (backbone, tasks, weighting, compile)
+        backbone, tasks, weighting, compile, nonfinite_loss = map(
+            plain_container, (backbone, tasks, weighting, compile, nonfinite_loss)
         )
         # the architecture's options in full (its YAML defaults), so checkpoints are complete
         architecture = architecture_options(plain_container(architecture), CONFIG_DIR)
@@ -110,6 +115,8 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         check_implementation(optimizer, optimizer_impl)
+        #: skips, counts and stops on NaN/inf losses and gradients (a callback of every run)
+        self.nonfinite = NonFiniteGuard(NonFinitePolicy.parse(nonfinite_loss))
         if scheduler_interval not in {"step", "epoch"}:
             raise ConfigError(
                 f"model.scheduler_interval={scheduler_interval!r}; accepted values: step, epoch"
@@ -169,6 +176,21 @@ class MultiTaskModule(L.LightningModule):
         out = self.net.forward_features(images, cut=balancer.needs_gradients)
         outputs = self.net.forward_heads(out.features, images.shape[-2:], out.meetings)
         losses, labelled = self.task_losses(outputs, batch)
+        # NaN/inf losses, before the balancer sees them: skip the step, or drop those tasks
+        check = check_losses(losses, balancer.tasks, context.all_reduce, self.device)
+        if check.bad:
+            skip = self.nonfinite.policy.policy == "skip_step" or not check.trainable
+            values = {t: float(losses[t].detach()) for t in check.bad if t in losses}
+            rank_zero = self._trainer is None or self._trainer.is_global_zero
+            self.nonfinite.report_losses(self.global_step, check.bad, values, skip, rank_zero)
+            if skip:
+                # A zero loss whose zero gradient reaches every parameter from the parameters
+                # themselves (Lightning refuses a None under DDP, and DDP wants every gradient);
+                # then optimizer_step skips the optimizer and the guard restores the state.
+                self.step_record = None
+                return parameter_zero_term(self)
+            losses = {t: v for t, v in losses.items() if t not in check.bad}
+            labelled = {t: v for t, v in labelled.items() if t not in check.bad}
         context.meetings = out.meetings
         if balancer.needs_gradients:
             context.downstream = self._downstream_parameters()
@@ -180,7 +202,13 @@ class MultiTaskModule(L.LightningModule):
         # A zero term per task without labels keeps its head in the graph, so DDP (with the
         # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
         # batch with no label at all gives a zero loss that still back-propagates.
-        terms = [outputs[t.name].sum() * 0.0 for t in self.tasks if t.name not in losses]
+        terms = [
+            outputs[t.name].sum() * 0.0
+            for t in self.tasks
+            if t.name not in losses and t.name not in check.bad
+        ]
+        if check.bad:  # a dropped task's outputs may be NaN: zero gradients from the parameters
+            terms.append(parameter_zero_term(self))
         if losses or balancer.needs_gradients or context.global_losses is not None:
             # under DDP a balancer runs even without a local loss: it joins the all-reduces, and
             # methods with state update it like the other ranks
@@ -201,6 +229,26 @@ class MultiTaskModule(L.LightningModule):
         if self.hparams.train_metrics:
             self.task_metrics.update("train_", labelled)
         return total
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """The optimizer's step, unless the ``nonfinite_loss`` guard skips it: the closure (the
+        last micro-batch's training step and backward) runs first, then a window with a NaN/inf
+        loss (``skip_step``) or gradient never reaches the optimizer, the clipping or the fp16
+        GradScaler. (Optimizers that evaluate their closure more than once, such as LBFGS, are
+        not supported: they would get this one result again.)"""
+        if optimizer_closure is None:
+            optimizer.step()
+            return
+        result = optimizer_closure()
+        if self.nonfinite.skips_step(self.trainer, self, optimizer):
+            return
+        optimizer.step(closure=lambda: result)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         self.step_record = None  # callbacks had it; the graph's tensors need not outlive the step
@@ -269,11 +317,12 @@ class MultiTaskModule(L.LightningModule):
         self.task_metrics.add_sources(sources, self.device)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The fp16 roll-back of the balancer's state, in every run (no config can drop it)."""
+        """The fp16 roll-back of the balancer's state and the guard of ``nonfinite_loss`` (this
+        module's own, which ``training_step`` reports to), in every run (no config can drop them)."""
         present = self._trainer is not None and any(
             isinstance(c, BalancerRollback) for c in self._trainer.callbacks
         )
-        return [] if present else [BalancerRollback()]
+        return [self.nonfinite] if present else [BalancerRollback(), self.nonfinite]
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the groups of :func:`lightning_mtl.optim.optimizer_groups`, in the

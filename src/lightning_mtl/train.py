@@ -2,7 +2,7 @@
 
 mtl-train                                   # the default experiment (5 Shapes tasks)
 mtl-train weighting=uncertainty task=[segmentation,depth] trainer=ddp_sim
-python -m lightning_mtl.train experiment=shapes_convnext ckpt_path=logs/.../last.ckpt
+python -m lightning_mtl.train experiment=shapes_convnext ckpt_path=logs/train/runs/<date_time>
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from lightning_mtl.checkpointing import resolve_ckpt_path, with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs
+from lightning_mtl.preflight import check_config, run_preflight
 from lightning_mtl.utils.setup import (
     apply_extras,
+    config_error_in,
     configure_environment,
-    example_batch,
+    drop_callbacks_that_need_a_logger,
     instantiate_mapping,
     log_hyperparameters,
+    report_error,
     set_float32_matmul_precision,
 )
 
@@ -33,9 +37,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     Returns the final metrics and the objects of the run (``datamodule``, ``model``, ``trainer``).
     """
     apply_extras(cfg)
+    # The config's values and task files, before anything is built (pre-flight, part 1).
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     set_float32_matmul_precision()
+    # A file, a run folder or `last` -> the checkpoint to resume from, checked now: a bad file
+    # stops the run before any data is read or any step is trained.
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), cfg.paths.output_dir, for_training=bool(cfg.get("train"))
+    )
 
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
@@ -43,24 +54,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     # The backbone's normalisation and input size reach the data transforms (no data read yet).
     share_backbone_inputs(datamodule, model)
-    # Heads against labels on one real batch: a wrong task config stops here, not mid-epoch.
-    model.check_against_batch(example_batch(datamodule))
+    # Pre-flight, part 2: labels, class counts, files and the heads on one real batch; every
+    # problem is reported at once, before the trainer exists.
+    run_preflight(cfg, datamodule, model)
 
     callbacks = instantiate_mapping(cfg.get("callbacks"), "callbacks")
     callbacks += instantiate_mapping({"finetune": cfg.get("finetune")}, "config")  # layer-wise
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    callbacks = drop_callbacks_that_need_a_logger(callbacks, loggers)  # `logger=none`
+    # Atomic checkpoint writes next to the target, weights-only validated reads.
+    plugins = with_safe_checkpoint_io(hydra.utils.instantiate(cfg.trainer.get("plugins")))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins
+    )
     log_hyperparameters(cfg, trainer)
 
     if cfg.get("train"):
         log.info("Training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        # Without a best checkpoint (no training, or no checkpoint callback): the given one.
-        ckpt_path = best or cfg.get("ckpt_path")
+        # Without a best checkpoint: the weights just trained, or the given checkpoint.
+        ckpt_path = best or (None if cfg.get("train") else ckpt_path)
         log.info("Testing %s", ckpt_path or "the current weights")
         trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(trainer.callback_metrics)
@@ -71,7 +88,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 def main() -> None:
     def run(cfg: DictConfig) -> float | None:
-        metrics, _ = train(cfg)
+        try:
+            metrics, _ = train(cfg)
+        except Exception as error:
+            cause = config_error_in(error)
+            if cause is None:
+                raise
+            report_error(cause)  # the message says it all: no trace, exit code 1
+            raise SystemExit(1) from None
         # A Hydra sweeper (e.g. Optuna) optimises the metric named by `optimized_metric`.
         name = cfg.get("optimized_metric")
         return metrics.get(name) if name else None

@@ -6,7 +6,9 @@ transforms and input size) built once per split. Training batches come from
 batches, DDP sharding, resume); :func:`collate_merged` stacks the samples and gives every label
 key of the batch a per-sample mask (False where the sample's source does not label it). Losses
 then leave those samples out, a task with no labelled sample leaves the step's weighting, and
-evaluation runs one loader per source so metrics come per source and per task.
+evaluation runs one loader per source so metrics come per source and per task. A sample that
+cannot be read follows ``data.on_bad_sample`` (see ``bad_samples.py``): the run stops naming it,
+or it is left out of its batch and counted.
 
 The sources' inputs follow the backbone: :meth:`MergedDataModule.use_backbone_inputs` receives
 the backbone's mean, std and input size (from ``train.py``, before any source is built), and
@@ -16,6 +18,7 @@ is set) is called with them; see :mod:`lightning_mtl.data.inputs`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -24,8 +27,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_mtl.data.bad_samples import (
+    BAD_SAMPLE_ERRORS,
+    SKIPPED_KEY,
+    BadSampleCount,
+    check_finite,
+    check_policy,
+)
 from lightning_mtl.data.inputs import (
     InputConfig,
     Normalization,
@@ -41,28 +52,55 @@ log = logging.getLogger(__name__)
 
 SourceFactory = Callable[..., Dataset]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: how many samples of a source are tried for a good one (example batch, an all-bad batch)
+EXAMPLE_TRIES = 1000
 
 
 class MergedDataset(Dataset[list[dict[str, Any]]]):
     """The sources of one split; item ``[(source, index), ...]`` is that list of samples.
 
     Each sample gets ``"source"`` (the source's position) and ``"index"`` (its index in that
-    source), and its label keys renamed as the source's ``rename`` says.
+    source), and its label keys renamed as the source's ``rename`` says. A sample that cannot be
+    read (see ``bad_samples.py``) raises a DataError naming the source (``names``), ``split``
+    and index, or with ``on_bad_sample="skip"`` comes back as ``{"bad": cause, "source": s,
+    "index": i}``, which :func:`collate_merged` leaves out of the batch.
     """
 
     def __init__(
         self,
         datasets: Sequence[Dataset],
         renames: Sequence[Mapping[str, str]] | None = None,
+        names: Sequence[str] | None = None,
+        split: str = "train",
+        on_bad_sample: str = "raise",
     ) -> None:
         self.datasets = list(datasets)
         self.renames = [dict(r) for r in (renames or [{} for _ in self.datasets])]
+        self.names = list(names) if names is not None else [f"#{i}" for i in range(len(datasets))]
+        self.split, self.on_bad_sample = split, on_bad_sample
+        self.reads_draws = [_reads_draws(d) for d in self.datasets]
 
     def sizes(self) -> list[int]:
         return [len(d) for d in self.datasets]  # type: ignore[arg-type]
 
-    def sample(self, source: int, index: int) -> dict[str, Any]:
-        item = self.datasets[source][index]
+    def sample(self, source: int, index: int, draw: int | None = None) -> dict[str, Any]:
+        """Sample ``index`` of source ``source``; ``draw`` (training keys carry it, see
+        :class:`~lightning_mtl.data.sampling.Key`) goes to a source that reads with
+        ``load(index, draw)``, for its augmentation."""
+        dataset = self.datasets[source]
+        try:
+            if draw is not None and self.reads_draws[source]:
+                item = dataset.load(index, draw)
+            else:
+                item = dataset[index]
+            check_finite(item)
+        except BAD_SAMPLE_ERRORS as error:
+            if self.on_bad_sample == "skip":
+                return {"bad": str(error), "source": source, "index": index}
+            raise DataError(
+                f"source {self.names[source]!r}, {self.split} sample {index}: {error} "
+                "(data.on_bad_sample=skip would leave such samples out)"
+            ) from error
         rename = self.renames[source]
         if rename:
             item = {
@@ -73,10 +111,19 @@ class MergedDataset(Dataset[list[dict[str, Any]]]):
         return {**item, "source": source, "index": index}
 
     def __getitem__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
-        return [self.sample(int(s), int(i)) for s, i in keys]
+        return [self.sample(int(k[0]), int(k[1]), getattr(k, "draw", None)) for k in keys]
 
     def __len__(self) -> int:
         return sum(self.sizes())
+
+
+def _reads_draws(dataset: Dataset) -> bool:
+    """Whether a source reads with ``load(index, draw)`` (the contract of ``sources/base.py``;
+    not the base class's placeholder)."""
+    from lightning_mtl.data.sources.base import SourceDataset  # the sources import this package
+
+    load = getattr(type(dataset), "load", None)
+    return callable(load) and load is not SourceDataset.load
 
 
 def collate_merged(
@@ -87,7 +134,29 @@ def collate_merged(
     A sample whose source lacks a key gets zeros shaped like the others' label and mask False;
     a key that no sample of the batch has is left out (the model skips that task this step).
     Images must share one size; ``names`` (the sources' names) make the error say which differ.
+    Bad samples (``{"bad": cause, ...}``, under ``data.on_bad_sample=skip``) are left out and
+    listed as ``batch["skipped_samples"] = [(source name, index, cause), ...]``; a batch of bad
+    samples only has no sample (its image is ``torch.empty(0)``, see the data module's
+    ``_collate``) and no label.
     """
+    skipped = [
+        (names[s["source"]] if names else f"#{s['source']}", int(s["index"]), str(s["bad"]))
+        for s in samples
+        if "bad" in s
+    ]
+    samples = [s for s in samples if "bad" not in s]
+    batch = _stack(samples, names) if samples else _no_sample()
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
+    return batch
+
+
+def _no_sample() -> dict[str, Any]:
+    empty = torch.empty(0, dtype=torch.long)
+    return {"image": torch.empty(0), "targets": {}, "mask": {}, "source": empty, "index": empty}
+
+
+def _stack(samples: Sequence[Mapping[str, Any]], names: Sequence[str] | None) -> dict[str, Any]:
     sizes = {tuple(s["image"].shape) for s in samples}
     if len(sizes) > 1:
         by_source = {
@@ -126,26 +195,19 @@ def collate_merged(
     }
 
 
-class ResumableLoader(DataLoader):
-    """The training loader: Lightning saves its position in checkpoints and restores it.
-
-    ``state_dict`` records the epoch and how many of its batches were trained on (``position``
-    reads it from the Trainer); ``load_state_dict`` makes the sampler skip them, so a run
-    resumed mid-epoch continues the same sequence instead of starting the epoch over.
-    """
-
-    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._position = position
+class TrainLoader(DataLoader):
+    """The training loader. Its position is saved and restored by the data module only
+    (:meth:`MergedDataModule.state_dict`), the one path that works in every case: Lightning
+    restores a data module before it builds the loaders, but restores a loader's own state only
+    if it builds the loader after reading the checkpoint, which a scheduler that counts the
+    steps of training prevents. These two methods hold no state: they tell Lightning that the
+    loader resumes mid-epoch (it would warn that it does not)."""
 
     def state_dict(self) -> dict[str, int]:
-        sampler: MultiSourceSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": sampler.epoch, "batches": int(self._position())}
+        return {}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        sampler: MultiSourceSampler = self.sampler  # type: ignore[assignment]
-        sampler.set_epoch(int(state["epoch"]))
-        sampler.skip(int(state["batches"]))
+        """Nothing to restore: the data module's state has set the sampler's position."""
 
 
 class MergedDataModule(L.LightningDataModule):
@@ -160,6 +222,10 @@ class MergedDataModule(L.LightningDataModule):
         sampling: ``strategy`` (proportional | round_robin | temperature), ``mixing`` (mixed |
             homogeneous), ``tau``, ``steps_per_epoch`` and ``drop_last``; see ``sampling.py``.
         seed: the sampling order's seed (the same on every rank, after a resume, in every run).
+        on_bad_sample: ``raise`` (stop, naming the source, split, index and file) or ``skip``
+            (leave the sample out of its batch, warn and count); see ``bad_samples.py``.
+        max_bad_fraction: under ``skip``, the run stops once more than this share of the
+            samples read (of a split) are bad.
         normalization: None (each source keeps its own ``normalization`` setting: the
             backbone's statistics for natural images, the generated data's own for Shapes), or
             ``backbone`` | ``dataset`` | ``{mean: [...], std: [...]}`` for every source,
@@ -176,8 +242,13 @@ class MergedDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         seed: int = 0,
         normalization: NormalizationSpec | None = None,
+        on_bad_sample: str = "raise",
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
+        self.on_bad_sample, fraction = check_policy(on_bad_sample, max_bad_fraction)
+        #: samples read and skipped per split (under on_bad_sample=skip)
+        self.bad_samples = BadSampleCount(fraction)
         self.normalization: str | Normalization | None = None
         if normalization is not None:  # None: each source's own setting
             self.normalization = parse_normalization(normalization, "data.normalization")
@@ -225,21 +296,27 @@ class MergedDataModule(L.LightningDataModule):
         self.splits: dict[str, MergedDataset] = {}
         self._sampler: MultiSourceSampler | None = None
         self._resume: dict[str, int] | None = None
+        self._image_shapes: dict[tuple[str, int], tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ checkpointed position
     def state_dict(self) -> dict[str, int]:
-        """The training position, saved in every checkpoint: the epoch and how many of its
-        batches were trained on. (Lightning also asks the loader, but it restores loaders only
-        when it builds them after the checkpoint is read, which a scheduler that counts the
-        steps of training prevents; the data module is always restored first.)"""
+        """The training position, saved in every checkpoint: the epoch, how many of its batches
+        were trained on and the global batch size; and the training samples read and skipped.
+        This is the only resume path (see :class:`TrainLoader`): Lightning restores the data
+        module first, before or after it builds the loaders."""
         if self._sampler is None:
             return {}
         size = self._sampler.batch_size * self._sampler.num_replicas
-        return {"epoch": self._sampler.epoch, "batches": self._position(), "global_batch": size}
+        position = {"epoch": self._sampler.epoch, "batches": self._position()}
+        bad = {f"bad_{k}": v for k, v in self.bad_samples.state_dict().items()}
+        return {**position, "global_batch": size, **bad}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state:
-            self._resume = {k: int(v) for k, v in state.items()}
+            self._resume = {k: int(v) for k, v in state.items() if not k.startswith("bad_")}
+            self.bad_samples.load_state_dict(
+                {k[4:]: int(v) for k, v in state.items() if k.startswith("bad_")}
+            )
             if self._sampler is not None:  # the loader exists already
                 self._apply_resume(self._sampler)
 
@@ -312,7 +389,9 @@ class MergedDataModule(L.LightningDataModule):
                         "needs train, val and test samples; check its root and split settings)"
                     )
             renames = [self.renames[name] for name in self.names]
-            self.splits[split] = MergedDataset(datasets, renames)
+            self.splits[split] = MergedDataset(
+                datasets, renames, self.names, split, self.on_bad_sample
+            )
         return self.splits[split]
 
     def _targets_of(self, dataset: Dataset, name: str) -> list[str]:
@@ -366,12 +445,25 @@ class MergedDataModule(L.LightningDataModule):
         return self._merged_attribute("num_labels")
 
     def example_batch(self, size: int = 2) -> list[dict[str, Any]]:
-        """One small batch per source (from the val split), to check the tasks."""
+        """One small batch per source (from the val split), to check the tasks. Under
+        ``on_bad_sample=skip`` bad samples are passed over (a DataError if none of a source's
+        first :data:`EXAMPLE_TRIES` samples is good)."""
         dataset = self._split("val")
         batches = []
         for source, n in enumerate(dataset.sizes()):
-            keys = [(source, i) for i in range(min(size, n))]
-            batches.append(collate_merged(dataset[keys], self.names))
+            good: list[dict[str, Any]] = []
+            for index in range(min(n, EXAMPLE_TRIES)):
+                item = dataset.sample(source, index)
+                if "bad" not in item:
+                    good.append(item)
+                if len(good) == size:
+                    break
+            if not good:
+                raise DataError(
+                    f"source {self.names[source]!r}: its first {min(n, EXAMPLE_TRIES)} val "
+                    "samples are all bad (see the warnings above)"
+                )
+            batches.append(collate_merged(good, self.names))
         return batches
 
     # ------------------------------------------------------------------ loaders
@@ -405,8 +497,47 @@ class MergedDataModule(L.LightningDataModule):
             **self.sampling,
         )
 
-    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return collate_merged(samples, self.names)
+    def _collate(self, split: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = collate_merged(samples, self.names)
+        if batch["image"].dim() == 1:  # every sample bad: an empty batch of the right shape
+            source = self.names.index(batch[SKIPPED_KEY][0][0])
+            batch["image"] = torch.empty((0, *self._image_shape(split, source)))
+        return batch
+
+    def _image_shape(self, split: str, source: int) -> tuple[int, ...]:
+        """The shape of the first good image of a source (for a batch of bad samples only)."""
+        if (split, source) not in self._image_shapes:
+            dataset = self._split(split)
+            for index in range(min(dataset.sizes()[source], EXAMPLE_TRIES)):
+                item = dataset.sample(source, index)
+                if "bad" not in item:
+                    self._image_shapes[split, source] = tuple(item["image"].shape)
+                    break
+            else:
+                raise DataError(
+                    f"source {self.names[source]!r}: its first {EXAMPLE_TRIES} {split} samples "
+                    "are all bad (see the warnings above)"
+                )
+        return self._image_shapes[split, source]
+
+    # ------------------------------------------------------------------ bad samples
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count (and warn about) the samples a batch left out, in the main process: a
+        DataError once they exceed ``max_bad_fraction`` (see ``bad_samples.py``)."""
+        if isinstance(batch, dict):
+            skipped = batch.pop(SKIPPED_KEY, [])
+            if self.on_bad_sample == "skip":
+                self.bad_samples.update(self._stage_split(), len(batch["image"]), skipped)
+        return batch
+
+    def _stage_split(self) -> str:
+        trainer = self._trainer_or_none()
+        stage = trainer.state.stage if trainer is not None else None
+        if stage == RunningStage.TESTING:
+            return "test"
+        if stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING):
+            return "val"
+        return "train" if stage in (RunningStage.TRAINING, None) else str(stage.value)
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
@@ -422,20 +553,19 @@ class MergedDataModule(L.LightningDataModule):
             return DataLoader(
                 _Batches(self._split("train"), batches),
                 batch_size=None,
-                collate_fn=self._collate,
+                collate_fn=functools.partial(self._collate, "train"),
                 num_workers=self.num_workers,
             )
         counts = sampler.describe(self.names)
         log.info("samples per epoch by source: %s; %d steps", counts, len(sampler))
-        return ResumableLoader(
+        return TrainLoader(
             self._split("train"),
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches of (source, index)
-            collate_fn=self._collate,
+            collate_fn=functools.partial(self._collate, "train"),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            position=self._position,
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -458,7 +588,7 @@ class MergedDataModule(L.LightningDataModule):
                     _Batches(dataset, batches),
                     batch_size=None,
                     sampler=_ShardedBatches(len(batches), rank, world_size),
-                    collate_fn=self._collate,
+                    collate_fn=functools.partial(self._collate, split),
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
                 )

@@ -32,7 +32,11 @@ and padded with the epoch's first samples (cycling) to a multiple of world_size
 
 Everything is a pure function of ``(seed, epoch)`` and the source sizes: the order is the same on
 every rank and in every run, and a resumed run continues it (:meth:`skip` drops the batches a
-checkpoint says were already trained on).
+checkpoint says were already trained on). Each key also carries its *draw*, the item's position
+in its source's stream (:class:`Key`): no two accesses of a source in a run share it, and a
+source with training augmentation (``load(index, draw)``) seeds the access's random crop and
+flip with it, so augmentation too is the same in every DataLoader worker, on every world size and
+after a resume.
 """
 
 from __future__ import annotations
@@ -48,6 +52,21 @@ STRATEGIES = ("proportional", "round_robin", "temperature")
 MIXING = ("mixed", "homogeneous")
 #: the ``data.sampling`` options (:class:`MultiSourceSampler`'s keyword arguments)
 SAMPLING_OPTIONS = ("strategy", "mixing", "tau", "steps_per_epoch", "drop_last")
+
+
+class Key(tuple):
+    """A training sample's key: the pair ``(source, index)`` (it compares, hashes and unpacks as
+    that pair) that also carries ``draw``, the item's position in its source's stream."""
+
+    draw: int
+
+    def __new__(cls, source: int, index: int, draw: int) -> Key:
+        key = super().__new__(cls, (source, index))
+        key.draw = draw
+        return key
+
+    def __getnewargs__(self) -> tuple[int, int, int]:  # type: ignore[override]
+        return (self[0], self[1], self.draw)  # pickled to DataLoader workers
 
 
 def largest_remainder(shares: np.ndarray, total: int) -> list[int]:
@@ -201,7 +220,10 @@ class MultiSourceSampler(DistributedSampler):
 
     def _build(self, epoch: int) -> list[list[tuple[int, int]]]:
         per_source = [
-            [(s, int(i)) for i in stream_slice(self.seed, s, n, epoch * c, c)]
+            [
+                Key(s, int(i), epoch * c + j)
+                for j, i in enumerate(stream_slice(self.seed, s, n, epoch * c, c))
+            ]
             for s, (n, c) in enumerate(zip(self.sizes, self.counts, strict=True))
         ]
         rng = np.random.default_rng((self.seed, 1_000_003, epoch))

@@ -26,13 +26,14 @@ backbone's (``normalization: backbone``, for a pretrained backbone) or explicit 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_mtl.data.inputs import (
     InputConfig,
@@ -42,6 +43,7 @@ from lightning_mtl.data.inputs import (
     plain_normalization,
     resolve_normalization,
 )
+from lightning_mtl.data.merged import MergedDataModule
 from lightning_mtl.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle")
@@ -176,14 +178,20 @@ def split_seed(seed: int, offset: int) -> int:
     return int(np.random.SeedSequence((seed, offset)).generate_state(1)[0])
 
 
-class ShapesDataModule(L.LightningDataModule):
-    """Train/val/test splits of :class:`ShapesDataset`, each drawn from its own seed.
+class ShapesDataModule(MergedDataModule):
+    """Train/val/test splits of the Shapes scenes: a :class:`MergedDataModule` with one
+    :class:`ShapesSource` (named ``shapes``), so the default run goes through the same sampler,
+    DDP sharding, mid-epoch resume, evaluation loaders and bad-sample policy as merged data.
 
-    The splits never share a scene: split ``s`` uses seed ``(seed, s)``. Under DDP, Lightning
-    injects a ``DistributedSampler`` into every loader, so each rank sees its own shard.
-    ``normalization``: ``dataset`` (the scenes' own statistics, the default), ``backbone`` (the
-    statistics :meth:`use_backbone_inputs` gives) or ``{mean: [...], std: [...]}``.
+    The splits never share a scene: split ``s`` uses seed ``(seed, s)``; ``seed`` is the scenes'
+    (the dataset's identity), ``sampling_seed`` the order's (``${seed}`` in the config, so it
+    follows the run's). ``normalization``: ``dataset`` (the scenes' own statistics, the
+    default), ``backbone`` (the statistics :meth:`use_backbone_inputs` gives) or ``{mean: [...],
+    std: [...]}``. ``sampling``: ``steps_per_epoch`` and ``drop_last`` as for merged data.
     """
+
+    #: the name of the one source (in warnings and errors about its samples)
+    SOURCE = "shapes"
 
     def __init__(
         self,
@@ -198,65 +206,41 @@ class ShapesDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         normalization: NormalizationSpec = "dataset",
+        sampling_seed: int = 0,
+        sampling: Mapping[str, Any] | None = None,
+        on_bad_sample: str = "raise",
+        max_bad_fraction: float = 0.01,
     ) -> None:
-        super().__init__()
-        self._normalization = parse_normalization(normalization, "data.normalization")
+        spec = parse_normalization(normalization, "data.normalization")
+        sizes = {"train": train_size, "val": val_size, "test": test_size}
+        for split, size in sizes.items():
+            if not isinstance(size, int) or size <= 0:
+                raise ConfigError(f"data.{split}_size={size!r}: expected a positive integer")
+        for key, value in (("image_size", image_size), ("max_objects", max_objects)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{key}={value!r}: expected a positive integer")
+        factory = functools.partial(
+            ShapesSource,
+            sizes=sizes,
+            seed=seed,
+            image_size=image_size,
+            max_objects=max_objects,
+            normalization=spec,
+        )
+        super().__init__(
+            {self.SOURCE: factory},
+            batch_size=batch_size,
+            sampling=sampling,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            seed=sampling_seed,
+            on_bad_sample=on_bad_sample,
+            max_bad_fraction=max_bad_fraction,
+        )
         normalization = plain_normalization(normalization)  # saved as plain values
+        sampling = dict(sampling or {})  # plain values too (checkpoints load weights_only)
         self.save_hyperparameters(logger=False)
-        self.scene = SceneConfig(image_size=image_size, max_objects=max_objects)
-        self.splits: dict[str, ShapesDataset] = {}
-        self.inputs: InputConfig | None = None
-
-    def use_backbone_inputs(self, config: InputConfig) -> None:
-        """The backbone's input config, for ``normalization: backbone`` (call before setup;
-        splits built earlier are dropped and rebuilt with it)."""
-        self.inputs = config
-        self.splits.clear()
-
-    # What the data provides, read by the model to check the task configs against the data.
-    target_names = ShapesDataset.target_names
-    num_classes = ShapesDataset.num_classes
-    num_labels = ShapesDataset.num_labels
-
-    def setup(self, stage: str | None = None) -> None:
-        sizes = {"train": self.hparams.train_size, "val": self.hparams.val_size}
-        sizes["test"] = self.hparams.test_size
-        normalization = resolve_normalization(
-            self._normalization, self.inputs, "Shapes", SHAPES_NORMALIZATION, "data.normalization"
-        )
-        for offset, (split, length) in enumerate(sizes.items()):
-            if split not in self.splits:
-                seed = split_seed(self.hparams.seed, offset)
-                self.splits[split] = ShapesDataset(length, seed, self.scene, normalization)
-
-    def example_batch(self, size: int = 2) -> dict[str, Any]:
-        """A small batch from the validation split, used to check heads against labels."""
-        self.setup("validate")
-        dataset = self.splits["val"]
-        return torch.utils.data.default_collate(
-            [dataset[i] for i in range(min(size, len(dataset)))]
-        )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
-            drop_last=shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 class ShapesSource(ShapesDataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,8 +13,11 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_mtl.checkpointing.resume import register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +27,10 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
 def configure_environment() -> str:
-    """Point ``PROJECT_ROOT`` at the repository and return the config directory for Hydra."""
+    """Point ``PROJECT_ROOT`` at the repository, register the configs' resolvers and return the
+    config directory for Hydra."""
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    register_resolvers()  # mtl_run_dir: a resumed run continues in its own folder
     if not CONFIG_DIR.is_dir():
         raise FileNotFoundError(
             f"no configs/ folder at {CONFIG_DIR}: install the project in editable mode "
@@ -57,6 +63,49 @@ def instantiate_mapping(cfg: Mapping[str, Any] | None, what: str) -> list[Any]:
         log.info("Instantiating %s <%s>", what, entry._target_)
         objects.append(hydra.utils.instantiate(entry))
     return objects
+
+
+# Callbacks that Lightning refuses without a logger (they only log).
+LOGGER_ONLY_CALLBACKS = (LearningRateMonitor,)
+
+
+def drop_callbacks_that_need_a_logger(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """Without a logger (``logger=none``) leave out the callbacks that only log and that
+    Lightning refuses then (the learning-rate monitor), with an info line; else all of them."""
+    if loggers:
+        return callbacks
+    kept = []
+    for callback in callbacks:
+        if isinstance(callback, LOGGER_ONLY_CALLBACKS):
+            log.info("No logger: %s left out (it only logs)", type(callback).__name__)
+            continue
+        kept.append(callback)
+    return kept
+
+
+def config_error_in(error: BaseException) -> BaseException | None:
+    """The template's own error (a ConfigError, DataError or TrainingError) that ``error`` is or
+    wraps (Hydra wraps what a ``_target_`` raises in an InstantiationException); None if there
+    is none."""
+    from lightning_mtl.errors import ConfigError, TrainingError
+
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, ConfigError | TrainingError):
+            return current
+        current = current.__cause__
+    return None
+
+
+def report_error(error: BaseException) -> None:
+    """A template error for a user: its message on stderr and in the run's log file, no trace
+    (the message names the key or file and what was expected)."""
+    message = f"{type(error).__name__}: {error}"
+    print(message, file=sys.stderr)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def example_batch(datamodule: L.LightningDataModule) -> dict[str, Any]:

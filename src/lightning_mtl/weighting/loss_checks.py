@@ -16,7 +16,9 @@ them, the method's state is not updated with the non-finite values, and the non-
 shown with weight 0. Its loss still enters the sum (as ``0·Lᵢ``), so the combined loss is NaN: a
 GradScaler skips the step, and ``detect_anomaly`` or the roll-back of the balancer's state see
 it. One warning per method instance and task. Under DDP a task whose loss is non-finite on any
-rank has a non-finite global loss, so every rank leaves it out alike.
+rank has a non-finite global loss, so every rank leaves it out alike. In ``mtl-train`` no balancer
+sees a non-finite loss: the module's ``model.nonfinite_loss`` policy (:mod:`lightning_mtl.nonfinite`)
+skips the step or drops the task first; this is the balancer's own fallback (a plain PyTorch loop).
 """
 
 from __future__ import annotations

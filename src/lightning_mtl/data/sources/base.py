@@ -20,6 +20,30 @@ Normalisation and input size follow the backbone (``data/inputs.py``): a source 
 receives the backbone's config from the data module, normalises with the statistics its
 ``normalization`` setting resolves to, and reads ``image_size: backbone`` as the backbone's
 (H, W). No statistics are hard-coded here.
+
+**Reading a sample: ``load(index, draw)``.** A source implements :meth:`SourceDataset.load`;
+``dataset[i]`` is ``load(i, None)``. On the train split a source with ``augment`` on transforms
+each access with a generator seeded from ``(seed, index, draw)`` (:mod:`lightning_mtl.data.augment`);
+val and test never augment and ignore ``draw``. ``draw`` is a non-negative integer that tells
+the accesses of one index apart: the data module passes one derived from the sampler's position
+(e.g. the sample's place in its source's stream, unique across epochs), so the augmentation of
+every step is a pure function of the run's seed and position: the same in every DataLoader
+worker, after a resume, and under DDP. ``draw=None`` (plain ``dataset[i]``) takes the next value
+of a per-instance access counter, mixed with the DataLoader worker's seed inside a worker: two
+reads of one index differ, a fresh dataset with the same seed repeats the same sequence, but a
+resumed run does not continue it. (A ``set_epoch`` on the dataset was rejected: persistent
+DataLoader workers hold copies of the dataset that a call in the main process never reaches,
+and the epoch alone does not tell apart two reads of one index within an epoch.)
+
+**Cheap checks for the pre-flight.** ``verify(index)`` checks sample ``index``'s files are
+readable and of the declared shape as cheaply as the format allows (array headers through
+``np.load(mmap_mode="r")``, images through PIL with a reduced decode that still reaches the end
+of the file, so a truncated JPEG is found), raising :class:`~lightning_mtl.errors.DataError`
+naming the file, what is wrong and what was expected; the default is a full :meth:`load`.
+``label_values(key)`` gives every value of a class (int64 (N,)) or multi-label (float 0/1
+(N, L)) label over the split, read from the one table that holds them (CelebA's attribute list,
+the CSV, Office's folder names), labelled samples only; None where the labels are in per-sample
+files (the default).
 """
 
 from __future__ import annotations
@@ -33,24 +57,81 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lightning_mtl.errors import DataError
+from lightning_mtl.data.augment import access_seed
+from lightning_mtl.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
 
 class SourceDataset(Dataset[dict[str, Any]]):
     """Base of the source datasets: what they label, for the start-up checks (set per class
-    or per instance)."""
+    or per instance), and the reading contract of the module docstring."""
 
     target_names: tuple[str, ...] = ()
     num_classes: dict[str, int] = {}
     num_labels: dict[str, int] = {}
+    #: seeds the training augmentation (and a source's own split, where it makes one)
+    seed: int = 0
+    _accesses: int = 0  # reads with draw=None so far, for their augmentation
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.load(index, None)
+
+    def load(self, index: int, draw: int | None = None) -> dict[str, Any]:
+        """Sample ``index``; on the train split with augmentation on, augmented as ``draw``
+        says (None: the next of this instance's accesses)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load(index, draw)")
+
+    def access_seed(self, index: int, draw: int | None) -> int:
+        """The seed of one access's augmentation: a function of ``(seed, index, draw)``, or
+        with ``draw=None`` of ``(seed, index, worker seed, access count)``."""
+        if draw is None:
+            worker = torch.utils.data.get_worker_info()
+            count = self._accesses
+            self._accesses = count + 1
+            return access_seed(self.seed, index, 1, worker.seed if worker else 0, count)
+        if isinstance(draw, bool) or int(draw) < 0:
+            raise ValueError(f"draw={draw!r} must be a non-negative integer")
+        return access_seed(self.seed, index, 0, int(draw))
+
+    def plain_reads(self, index: int) -> int:
+        """How many reads of ``index`` with ``draw=None`` this instance made before this one (in
+        this process or worker), counting it: lets a source make consecutive plain reads of one
+        sample differ for sure (see :meth:`~lightning_mtl.data.augment.DenseAugment.cycle`)."""
+        reads: dict[int, int] = self.__dict__.setdefault("_plain_reads", {})
+        count = reads.get(index, 0)
+        reads[index] = count + 1
+        return count
+
+    def verify(self, index: int) -> None:
+        """Raise :class:`DataError` if sample ``index``'s files are unreadable or of the wrong
+        shape. The default reads it fully (with a fixed draw: the access counter is untouched;
+        a subclass that defines only ``__getitem__`` is read through it)."""
+        if type(self).load is SourceDataset.load:
+            self[index]
+        else:
+            self.load(index, 0)
+
+    def label_values(self, key: str) -> torch.Tensor | None:
+        """Every value of class or multi-label ``key`` over the split, when one table holds them
+        (read cheaply, labelled samples only); None otherwise."""
+        return None
 
 
 def check_split(split: str, accepted: Sequence[str], dataset: str) -> str:
     if split not in accepted:
         raise DataError(f"{dataset}: split={split!r} is not one of {', '.join(accepted)}")
     return split
+
+
+def check_seed(seed: int, dataset: str) -> int:
+    """A non-negative integer seed, else a ConfigError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(
+            f"{dataset}: seed={seed!r} must be a non-negative integer (it seeds the split and "
+            "the augmentation)"
+        )
+    return int(seed)
 
 
 def require(path: Path, dataset: str, layout: str, source: str) -> Path:

@@ -41,11 +41,12 @@ from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
     as_size,
+    check_seed,
     check_split,
     make_sample,
     require,
 )
-from lightning_mtl.data.sources.images import load_image
+from lightning_mtl.data.sources.images import image_augment, load_image, verify_image
 from lightning_mtl.errors import DataError
 
 NAME = "CelebA"
@@ -72,6 +73,12 @@ class CelebA(SourceDataset):
         normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
             :mod:`lightning_mtl.data.inputs`.
         inputs: the backbone's input config, passed by the data module (None: used alone).
+        augment: augment the train split (off by default: the CelebA multi-task benchmark of
+            MGDA, Nash-MTL and FAMO trains on the resized faces as they are); val and test
+            never augment.
+        crop_scale, flip, color_jitter: the augmentation's options, see
+            :class:`~lightning_mtl.data.augment.ImageAugment`.
+        seed: seeds the augmentation (drawn anew at every access).
     """
 
     target_names: tuple[str, ...] = ("attributes",)
@@ -87,11 +94,18 @@ class CelebA(SourceDataset):
         target: str = "attributes",
         normalization: NormalizationSpec = "backbone",
         inputs: InputConfig | None = None,
+        augment: bool = False,
+        crop_scale: Sequence[float] | None = (0.8, 1.0),
+        flip: bool = True,
+        color_jitter: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split, SPLITS, NAME)
         self.size = as_size(resolve_image_size(image_size, inputs, NAME))
         self.normalization = resolve_normalization(normalization, inputs, NAME)
+        self.seed = check_seed(seed, NAME)
+        self.augmenter = image_augment(augment, split, NAME, crop_scale, flip, color_jitter)
         self.target = target
         image_dir = require(self.root / "img_align_celeba", NAME, LAYOUT, SOURCE)
         attr_file = require(self.root / "list_attr_celeba.txt", NAME, LAYOUT, SOURCE)
@@ -115,9 +129,25 @@ class CelebA(SourceDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image(self.image_dir / self.files[index], self.size, NAME, self.normalization)
+    def load(self, index: int, draw: int | None = None) -> dict[str, Any]:
+        index = index % len(self.files)
+        seed = self.access_seed(index, draw) if self.augmenter is not None else 0
+        image = load_image(
+            self.image_dir / self.files[index],
+            self.size,
+            NAME,
+            self.normalization,
+            self.augmenter,
+            seed,
+        )
         return make_sample(image, {self.target: torch.from_numpy(self.labels[index].copy())})
+
+    def verify(self, index: int) -> None:
+        verify_image(self.image_dir / self.files[index], NAME)
+
+    def label_values(self, key: str) -> torch.Tensor | None:
+        """The split's attribute vectors, float 0/1 (N, A), from ``list_attr_celeba.txt``."""
+        return torch.from_numpy(self.labels.copy()) if key == self.target else None
 
 
 def _error(path: Path, line: int | None, problem: str) -> DataError:

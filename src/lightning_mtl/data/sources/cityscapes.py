@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from lightning_mtl.data.inputs import InputConfig, NormalizationSpec
-from lightning_mtl.data.sources.npy_folders import NpyFolderDataset, NpyTarget
+from lightning_mtl.data.sources.npy_folders import PAPER_SCALES, NpyFolderDataset, NpyTarget
 from lightning_mtl.errors import DataError
 
 CITYSCAPES_SOURCE = (
@@ -47,7 +47,9 @@ class Cityscapes(NpyFolderDataset):
 
     ``num_classes`` selects the 7-class (``label_7``) or 19-class (``label_19``) labels; any
     other value is a :class:`~lightning_mtl.errors.DataError`. ``image_size``, ``targets``,
-    ``augment``, ``seed``, ``normalization`` and ``inputs`` work as in :class:`~lightning_mtl.data.sources.nyuv2.NYUv2`.
+    ``augment``, ``scales``, ``flip``, ``seed``, ``normalization`` and ``inputs`` work as in
+    :class:`~lightning_mtl.data.sources.nyuv2.NYUv2` (the scale-crop divides the disparity by
+    the scale too, as the papers' code does).
     """
 
     dataset_name: ClassVar[str] = "Cityscapes"
@@ -63,10 +65,12 @@ class Cityscapes(NpyFolderDataset):
         image_size: int | Sequence[int] | str | None = None,
         targets: Sequence[str] | None = None,
         num_classes: int = 7,
-        augment: bool = False,
+        augment: bool = True,
         seed: int = 0,
         normalization: NormalizationSpec = "backbone",
         inputs: InputConfig | None = None,
+        scales: Sequence[float] = PAPER_SCALES,
+        flip: bool = True,
     ) -> None:
         if num_classes not in LABEL_FOLDERS:
             raise DataError(
@@ -84,6 +88,8 @@ class Cityscapes(NpyFolderDataset):
             seed,
             normalization=normalization,
             inputs=inputs,
+            scales=scales,
+            flip=flip,
         )
 
     def target_specs(self) -> dict[str, NpyTarget]:

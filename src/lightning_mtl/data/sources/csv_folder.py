@@ -52,11 +52,12 @@ from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
     as_size,
+    check_seed,
     check_split,
     make_sample,
     require,
 )
-from lightning_mtl.data.sources.images import load_image
+from lightning_mtl.data.sources.images import image_augment, load_image, verify_image
 from lightning_mtl.data.sources.office import check_fractions, seeded_split
 from lightning_mtl.errors import ConfigError, DataError
 
@@ -107,6 +108,10 @@ class CsvImageFolder(SourceDataset):
         normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
             :mod:`lightning_mtl.data.inputs`.
         inputs: the backbone's input config, passed by the data module (None: used alone).
+        augment: augment the train split (off by default: whether a flip or a crop keeps your
+            labels true is for you to say); val and test never augment.
+        crop_scale, flip, color_jitter: the augmentation's options, see
+            :class:`~lightning_mtl.data.augment.ImageAugment`; ``seed`` seeds it too.
     """
 
     def __init__(
@@ -122,11 +127,17 @@ class CsvImageFolder(SourceDataset):
         seed: int = 0,
         normalization: NormalizationSpec = "backbone",
         inputs: InputConfig | None = None,
+        augment: bool = False,
+        crop_scale: Sequence[float] | None = (0.8, 1.0),
+        flip: bool = True,
+        color_jitter: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.split = check_split(split, SPLITS, NAME)
         self.size = as_size(resolve_image_size(image_size, inputs, NAME))
         self.normalization = resolve_normalization(normalization, inputs, NAME)
+        self.seed = check_seed(seed, NAME)
+        self.augmenter = image_augment(augment, split, NAME, crop_scale, flip, color_jitter)
         self.targets = parse_columns(columns)
         fractions = check_fractions(split_fractions, NAME)
         require(self.root, NAME, LAYOUT, SOURCE)
@@ -136,7 +147,7 @@ class CsvImageFolder(SourceDataset):
         if table.splits is not None:
             keep = np.flatnonzero(np.array(table.splits) == split)
         else:
-            parts = seeded_split(len(table.images), fractions, (seed, 0))
+            parts = seeded_split(len(table.images), fractions, (self.seed, 0))
             keep = np.sort(parts[SPLITS.index(split)])
         self.images: list[Path] = [table.images[i] for i in keep]
         self.values = {key: values[keep] for key, values in table.values.items()}
@@ -149,11 +160,26 @@ class CsvImageFolder(SourceDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image(self.images[index], self.size, NAME, self.normalization)
+    def load(self, index: int, draw: int | None = None) -> dict[str, Any]:
+        index = index % len(self.images)
+        seed = self.access_seed(index, draw) if self.augmenter is not None else 0
+        image = load_image(
+            self.images[index], self.size, NAME, self.normalization, self.augmenter, seed
+        )
         targets = {key: torch.from_numpy(np.array(v[index])) for key, v in self.values.items()}
         present = {key: bool(p[index]) for key, p in self.present.items()}
         return make_sample(image, targets, present)
+
+    def verify(self, index: int) -> None:
+        verify_image(self.images[index], NAME)
+
+    def label_values(self, key: str) -> torch.Tensor | None:
+        """The split's labelled values of a class (int64 (N,)) or multilabel (float 0/1 (N, L))
+        column, from the CSV; None for a regression column or an unknown key."""
+        kinds = {t.key: t.kind for t in self.targets}
+        if kinds.get(key) not in ("class", "multilabel"):
+            return None
+        return torch.from_numpy(self.values[key][self.present[key]].copy())
 
 
 def parse_columns(columns: Mapping[str, Mapping[str, Any] | str] | None) -> list[TargetColumn]:

@@ -26,6 +26,12 @@ kind          on disk -> sample                      resize to ``image_size``
 The image is resized bilinearly and normalised with the statistics ``normalization`` resolves
 to: the backbone's by default (see :mod:`lightning_mtl.data.inputs`). ``image_size`` keeps the
 native size by default; ``backbone`` resizes to the backbone's input size.
+
+Training augmentation (``augment``, train split only) is the papers' random scale-crop and flip,
+drawn per access (:class:`~lightning_mtl.data.augment.DenseAugment`): the crop is resized
+straight to ``image_size``, each label with the interpolation of the table above, depth divided
+by the scale, normals' x negated by a flip. :meth:`NpyFolderDataset.verify` checks one sample's
+files from their headers (``mmap_mode="r"``) and the class ids of its label file.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from lightning_mtl.data.augment import DenseAugment, check_scales, unit_normals
 from lightning_mtl.data.inputs import (
     InputConfig,
     NormalizationSpec,
@@ -48,6 +55,7 @@ from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
     as_size,
+    check_seed,
     check_split,
     make_sample,
     require,
@@ -57,8 +65,8 @@ from lightning_mtl.data.sources.base import (
 from lightning_mtl.errors import DataError
 
 IMAGE_FOLDER = "image"
-# A normal shorter than this after a bilinear resize is treated as missing (set to 0).
-_MIN_NORM = 1e-6
+#: the zoom factors MTAN, Nash-MTL and FAMO draw from
+PAPER_SCALES = (1.0, 1.2, 1.5)
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,12 @@ class NpyFolderDataset(SourceDataset):
 
     ``targets`` selects a subset of ``target_names`` to load (None: all); only the folders of
     the selected targets (and ``image/``) have to exist. ``augment`` (train split only, ignored
-    for the others so one config can build every split) flips a sample horizontally with
-    probability 1/2, drawn from ``numpy.random.default_rng((seed, index))``: the draw is
-    deterministic, so a given sample is flipped, or not, in every epoch and in every worker.
-    ``normalization`` (``backbone`` or ``{mean, std}``) and ``inputs`` (the backbone's input
-    config, passed by the data module) work as for every source (:mod:`lightning_mtl.data.inputs`).
+    for the others so one config can build every split; on by default, as the papers train)
+    applies the random scale-crop over ``scales`` and, with ``flip``, a horizontal flip with
+    probability 1/2, drawn anew at every access from ``(seed, index, draw)`` (see
+    :meth:`~lightning_mtl.data.sources.base.SourceDataset.load`). ``normalization``
+    (``backbone`` or ``{mean, std}``) and ``inputs`` (the backbone's input config, passed by the
+    data module) work as for every source (:mod:`lightning_mtl.data.inputs`).
     """
 
     dataset_name: ClassVar[str] = "npy folders"
@@ -108,19 +117,21 @@ class NpyFolderDataset(SourceDataset):
         split: str = "train",
         image_size: int | Sequence[int] | str | None = None,
         targets: Sequence[str] | None = None,
-        augment: bool = False,
+        augment: bool = True,
         seed: int = 0,
         normalization: NormalizationSpec = "backbone",
         inputs: InputConfig | None = None,
+        scales: Sequence[float] = PAPER_SCALES,
+        flip: bool = True,
     ) -> None:
         name = self.dataset_name
         self.split = check_split(split, SPLITS, name)
         self.image_size = self._check_size(resolve_image_size(image_size, inputs, name))
         self.normalization = resolve_normalization(normalization, inputs, name)
+        self.seed = check_seed(seed, name)
+        self.scales = check_scales(scales, name)
         self.augment = bool(augment) and self.split == "train"
-        self.seed = int(seed)
-        if self.seed < 0:
-            raise DataError(f"{name}: seed={seed!r} must be >= 0 (it seeds the flips)")
+        self.augmenter = DenseAugment(self.scales, flip, self.image_size) if self.augment else None
         specs = self.target_specs()
         self.target_names = self._select_targets(targets, tuple(specs))
         self.specs = {key: specs[key] for key in self.target_names}
@@ -206,70 +217,112 @@ class NpyFolderDataset(SourceDataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def load(self, index: int, draw: int | None = None) -> dict[str, Any]:
         stem = self.indices[index]
-        index = index % len(self.indices)  # a negative index draws the same flip as its twin
+        index = index % len(self.indices)  # a negative index draws as its twin
         image_path = self.split_dir / IMAGE_FOLDER / f"{stem}.npy"
         image = self._load(image_path)
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise self._shape_error(image_path, image, "H×W×3 (an RGB image in [0, 1])")
-        height, width = image.shape[:2]
+        self._check_image(image_path, image)
+        size = image.shape[:2]
         image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-        image_t = resize_image(image_t, self.image_size)
         targets = {
-            key: self._read_target(
-                spec, self.split_dir / spec.folder / f"{stem}.npy", (height, width)
-            )
+            key: self._read_target(spec, self.split_dir / spec.folder / f"{stem}.npy", size)
             for key, spec in self.specs.items()
         }
-        if self.augment and np.random.default_rng((self.seed, index)).random() < 0.5:
-            image_t = image_t.flip(-1)
-            targets = {key: self._flip(self.specs[key], t) for key, t in targets.items()}
-        return make_sample(self.normalization(image_t), targets)
+        if self.augmenter is not None:
+            kinds = {key: (self.specs[key].kind, t) for key, t in targets.items()}
+            seed = self.access_seed(index, draw)
+            # plain reads (no draw): consecutive reads of one index never repeat the crop
+            choice = None
+            if draw is None:
+                choice = self.augmenter.cycle(self.seed, index, self.plain_reads(index))
+            image_t, targets = self.augmenter(image_t, kinds, seed, choice)
+        else:
+            image_t = resize_image(image_t, self.image_size)
+            targets = {key: self._resize(self.specs[key], t) for key, t in targets.items()}
+        return make_sample(self.normalization(image_t.contiguous()), targets)
 
-    def _read_target(self, spec: NpyTarget, path: Path, size: tuple[int, int]) -> torch.Tensor:
-        """Load, check and decode one target file, resized to ``image_size``."""
-        array = self._load(path)
+    def verify(self, index: int) -> None:
+        """Check sample ``index``'s files cheaply: each array's header (shape, numeric dtype;
+        a truncated file fails to map) and the class ids of its label files, without decoding
+        the image. Raises :class:`DataError` naming the file."""
+        stem = self.indices[index]
+        image_path = self.split_dir / IMAGE_FOLDER / f"{stem}.npy"
+        image = self._load(image_path, mmap=True)
+        self._check_image(image_path, image)
+        for spec in self.specs.values():
+            path = self.split_dir / spec.folder / f"{stem}.npy"
+            self._check_target(spec, path, self._load(path, mmap=True), image.shape[:2])
+
+    def _check_image(self, path: Path, image: np.ndarray) -> None:
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise self._shape_error(path, image, "H×W×3 (an RGB image in [0, 1])")
+        self._check_numeric(path, image)
+
+    def _check_target(
+        self, spec: NpyTarget, path: Path, array: np.ndarray, size: tuple[int, ...]
+    ) -> None:
+        """Shape (and, for class ids, range) of one target array against the image's H×W."""
         height, width = size
         if spec.kind == "classes":
             if array.shape != (height, width):
                 raise self._shape_error(path, array, f"{height}×{width} (the image's H×W)")
-            label = torch.from_numpy(np.asarray(array).astype(np.int64))
-            if spec.num_classes is not None and label.numel():
-                low, high = int(label.min()), int(label.max())
-                if low < -1 or high >= spec.num_classes:
-                    raise DataError(
-                        f"{self.dataset_name}: {path} holds class ids {low}..{high}; expected "
-                        f"-1 (ignore) .. {spec.num_classes - 1} for {spec.num_classes} classes"
-                    )
-            return resize_dense(label, self.image_size, nearest=True)
-        if spec.kind == "depth":
+            self._check_numeric(path, array)
+            self._check_ids(spec, path, np.asarray(array))
+        elif spec.kind == "depth":
             if array.shape not in {(height, width, 1), (height, width)}:
                 raise self._shape_error(path, array, f"{height}×{width}×1 or {height}×{width}")
+            self._check_numeric(path, array)
+        else:
+            if array.shape != (height, width, 3):
+                raise self._shape_error(path, array, f"{height}×{width}×3 (unit normals)")
+            self._check_numeric(path, array)
+
+    def _check_ids(self, spec: NpyTarget, path: Path, label: np.ndarray) -> None:
+        if spec.num_classes is None or not label.size:
+            return
+        expected = f"-1 (ignore) .. {spec.num_classes - 1} for {spec.num_classes} classes"
+        if label.dtype.kind == "f" and not np.isfinite(label).all():
+            raise DataError(
+                f"{self.dataset_name}: {path} holds NaN or inf class ids; expected {expected}"
+            )
+        low, high = int(label.min()), int(label.max())
+        if low < -1 or high >= spec.num_classes:
+            raise DataError(
+                f"{self.dataset_name}: {path} holds class ids {low}..{high}; expected {expected}"
+            )
+
+    def _check_numeric(self, path: Path, array: np.ndarray) -> None:
+        if array.dtype.kind not in "biuf":
+            raise DataError(
+                f"{self.dataset_name}: {path} holds dtype {array.dtype}; expected a numeric "
+                f"array.\nExpected layout:\n{self.layout}"
+            )
+
+    def _read_target(self, spec: NpyTarget, path: Path, size: tuple[int, ...]) -> torch.Tensor:
+        """Load, check and decode one target file at the image's native size."""
+        array = self._load(path)
+        self._check_target(spec, path, array, size)
+        height, width = size
+        if spec.kind == "classes":
+            return torch.from_numpy(np.asarray(array).astype(np.int64))
+        if spec.kind == "depth":
             depth = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-            depth = depth.reshape(1, height, width)
-            return resize_dense(depth, self.image_size, nearest=True)
-        if array.shape != (height, width, 3):
-            raise self._shape_error(path, array, f"{height}×{width}×3 (unit normals)")
-        normals = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
-        if self.image_size is None or tuple(self.image_size) == (height, width):
-            return normals.contiguous()
-        normals = resize_dense(normals, self.image_size, nearest=False)
-        norm = normals.norm(dim=0, keepdim=True)
-        return torch.where(norm > _MIN_NORM, normals / norm.clamp_min(_MIN_NORM), 0.0)
+            return depth.reshape(1, height, width)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
 
-    @staticmethod
-    def _flip(spec: NpyTarget, target: torch.Tensor) -> torch.Tensor:
-        """A horizontally flipped target; a normal's x component changes sign with the flip."""
-        flipped = target.flip(-1)
+    def _resize(self, spec: NpyTarget, target: torch.Tensor) -> torch.Tensor:
+        """A decoded target at ``image_size``, resized as its values allow (module docstring)."""
+        if self.image_size is None or tuple(target.shape[-2:]) == tuple(self.image_size):
+            return target.contiguous()
         if spec.kind == "normals":
-            flipped = flipped.clone()
-            flipped[0] = -flipped[0]
-        return flipped
+            return unit_normals(resize_dense(target, self.image_size, nearest=False))
+        return resize_dense(target, self.image_size, nearest=True)
 
-    def _load(self, path: Path) -> np.ndarray:
+    def _load(self, path: Path, mmap: bool = False) -> np.ndarray:
+        """The array in ``path`` (``mmap``: only its header is read, the data mapped)."""
         try:
-            return np.load(path, allow_pickle=False)
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except Exception as err:  # numpy raises ValueError, OSError, EOFError, ... on bad files
             raise DataError(
                 f"{self.dataset_name}: cannot read {path}: {type(err).__name__}: {err}. "

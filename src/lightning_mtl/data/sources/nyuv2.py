@@ -43,9 +43,10 @@ class NYUv2(NpyFolderDataset):
 
     ``image_size`` (an int, ``[height, width]``, ``backbone`` for the backbone's input size, or
     None for the native 288×384) resizes every array as its values allow (see :mod:`~lightning_mtl.data.sources.npy_folders`).
-    ``targets`` loads a subset of ``target_names``. ``augment`` (train split only) flips half
-    the samples horizontally, negating the normals' x component; the choice is drawn from
-    ``numpy.random.default_rng((seed, index))`` and so is the same in every epoch.
+    ``targets`` loads a subset of ``target_names``. ``augment`` (train split only, on by
+    default) is the papers' random scale-crop over ``scales`` and horizontal ``flip``, drawn
+    anew at every access: depth is divided by the scale and the normals' x component negated
+    by a flip (see :mod:`lightning_mtl.data.augment`).
     """
 
     dataset_name: ClassVar[str] = "NYUv2"

@@ -47,11 +47,17 @@ from lightning_mtl.data.sources.base import (
     SPLITS,
     SourceDataset,
     as_size,
+    check_seed,
     check_split,
     make_sample,
     require,
 )
-from lightning_mtl.data.sources.images import is_image_file, load_image
+from lightning_mtl.data.sources.images import (
+    image_augment,
+    is_image_file,
+    load_image,
+    verify_image,
+)
 from lightning_mtl.errors import ConfigError, DataError
 
 NAME = "Office"
@@ -94,6 +100,10 @@ class OfficeDomain(SourceDataset):
         normalization: ``backbone`` (its mean and std), or ``{mean, std}``; see
             :mod:`lightning_mtl.data.inputs`.
         inputs: the backbone's input config, passed by the data module (None: used alone).
+        augment: augment the train split (off by default: LibMTL's Office protocol resizes
+            the images and nothing else); val and test never augment.
+        crop_scale, flip, color_jitter: the augmentation's options, see
+            :class:`~lightning_mtl.data.augment.ImageAugment`; ``seed`` seeds it too.
     """
 
     def __init__(
@@ -108,12 +118,18 @@ class OfficeDomain(SourceDataset):
         variant: str | None = None,
         normalization: NormalizationSpec = "backbone",
         inputs: InputConfig | None = None,
+        augment: bool = False,
+        crop_scale: Sequence[float] | None = (0.8, 1.0),
+        flip: bool = True,
+        color_jitter: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.domain = domain
         self.split = check_split(split, SPLITS, NAME)
         self.size = as_size(resolve_image_size(image_size, inputs, NAME))
         self.normalization = resolve_normalization(normalization, inputs, NAME)
+        self.seed = check_seed(seed, NAME)
+        self.augmenter = image_augment(augment, split, NAME, crop_scale, flip, color_jitter)
         fractions = check_fractions(split_fractions, NAME)
         require(self.root, NAME, BOTH_LAYOUTS, BOTH_SOURCES)
         domain_dir = self.root / domain
@@ -138,7 +154,7 @@ class OfficeDomain(SourceDataset):
                     f"{NAME}: class folder {class_dir} holds no images.\nExpected layout:\n"
                     f"{spec['layout']}\nGet the data: {spec['source']}"
                 )
-            chosen = seeded_split(len(files), fractions, (seed, label))[SPLITS.index(split)]
+            chosen = seeded_split(len(files), fractions, (self.seed, label))[SPLITS.index(split)]
             self.samples.extend((files[i], label) for i in chosen)
 
         self.target = target if target is not None else domain
@@ -148,10 +164,22 @@ class OfficeDomain(SourceDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def load(self, index: int, draw: int | None = None) -> dict[str, Any]:
+        index = index % len(self.samples)
         path, label = self.samples[index]
-        image = load_image(path, self.size, f"{NAME} {self.domain}", self.normalization)
+        seed = self.access_seed(index, draw) if self.augmenter is not None else 0
+        name = f"{NAME} {self.domain}"
+        image = load_image(path, self.size, name, self.normalization, self.augmenter, seed)
         return make_sample(image, {self.target: torch.tensor(label, dtype=torch.int64)})
+
+    def verify(self, index: int) -> None:
+        verify_image(self.samples[index][0], f"{NAME} {self.domain}")
+
+    def label_values(self, key: str) -> torch.Tensor | None:
+        """The split's class indices, int64 (N,), from the class folder names."""
+        if key != self.target:
+            return None
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
 
 def _is_data_dir(path: Path) -> bool:
