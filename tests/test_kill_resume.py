@@ -32,6 +32,7 @@ import torch
 from lightning_mtl.checkpointing import read_checkpoint
 from lightning_mtl.train import train
 from tests.conftest import FAST, compose_config
+from tests.test_merged_data import SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +45,7 @@ COMMON = [
     "callbacks.last_checkpoint.every_n_train_steps=1",
     "callbacks.model_report=null",
 ]
-MERGED = [  # 56 training samples: 7 steps per epoch
-    "experiment=shapes_heterogeneous",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.sources.scenes.sizes={train:40,val:16,test:8}",
-    "data.sources.objects.sizes={train:16,val:8,test:8}",
-    "data.sources.scenes.image_size=32",
-    "data.sources.objects.image_size=32",
-]
+MERGED = SMALL  # 56 training samples: 7 steps per epoch
 SHAPES = [o for o in FAST if o.startswith("data.")]  # the default data: 48 samples, 6 steps
 DATA = {"merged": MERGED, "shapes": SHAPES}
 STEPS = {"merged": 14, "shapes": 12}

@@ -179,11 +179,8 @@ class MultiTaskModule(L.LightningModule):
         # NaN/inf losses, before the balancer sees them: skip the step, or drop those tasks
         check = check_losses(losses, balancer.tasks, context.all_reduce, self.device)
         if check.bad:
-            skip = self.nonfinite.policy.policy == "skip_step" or not check.trainable
-            values = {t: float(losses[t].detach()) for t in check.bad if t in losses}
             rank_zero = self._trainer is None or self._trainer.is_global_zero
-            self.nonfinite.report_losses(self.global_step, check.bad, values, skip, rank_zero)
-            if skip:
+            if self.nonfinite.on_bad_losses(self.global_step, check, losses, rank_zero):
                 # A zero loss whose zero gradient reaches every parameter from the parameters
                 # themselves (Lightning refuses a None under DDP, and DDP wants every gradient);
                 # then optimizer_step skips the optimizer and the guard restores the state.

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch.nn.utils import get_total_norm
 
-from lightning_mtl.nonfinite import KEY, NonFiniteError, NonFinitePolicy, check_weights
+from lightning_mtl.nonfinite import KEY, LossCheck, NonFiniteError, NonFinitePolicy, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,21 @@ class NonFiniteGuard(L.Callback):
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ reported by the module
+    def on_bad_losses(
+        self,
+        step: int,
+        check: LossCheck,
+        losses: Mapping[str, torch.Tensor],
+        rank_zero: bool = True,
+    ) -> bool:
+        """Record this step's non-finite losses (``check``: what
+        :func:`~lightning_mtl.nonfinite.check_losses` found) and say whether the step is skipped:
+        always under ``skip_step``, and under ``drop_task`` when no trainable loss is left."""
+        skip = self.policy.policy == "skip_step" or not check.trainable
+        values = {t: float(losses[t].detach()) for t in check.bad if t in losses}
+        self.report_losses(step, check.bad, values, skip, rank_zero)
+        return skip
+
     def report_losses(
         self,
         step: int,
