@@ -293,8 +293,13 @@ def test_resume_mid_epoch_continues_the_same_sampling_sequence(tmp_path: Path) -
 
 
 def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
+    """The default suite's one real 2-process run (``mtl-train trainer=ddp_sim``, gloo): each
+    sample once per epoch across the ranks, in a different order on each; FAMO's all-reduced
+    losses train; validation, test and the conflict monitor log from rank 0; and none of DDP's
+    warnings (unused parameters, unsynchronised logging) is printed."""
     record = tmp_path / "seen"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    env["PYTHONWARNINGS"] = "default"
     overrides = [o for o in fast() if not o.startswith("trainer.accelerator")]
     command = [
         sys.executable,
@@ -305,12 +310,15 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
         "trainer.max_epochs=2",
         "data.sources.scenes.sizes={train:44,val:8,test:8}",  # 60 = 3 global batches of 16 + 12
         "data.sampling.drop_last=false",  # the 12 are kept: each sample exactly once
-        "test=false",
+        "weighting=famo",
+        "callbacks.gradient_conflict.every_n_steps=2",
+        "test=true",
         f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
         f"hydra.run.dir={tmp_path}",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
     ranks = [json.loads(Path(f"{record}.{r}").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 8  # 4 steps per epoch on each rank
     everything = sorted([(0, i) for i in range(44)] + [(1, i) for i in range(16)])
@@ -319,6 +327,16 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
         assert sorted(seen) == everything  # once per epoch, across both ranks
     order = [[r[2] for r in rows] for rows in ranks]
     assert order[0] != order[1]
+    rows = read_rows(tmp_path / "csv" / "metrics.csv")
+    assert max(int(row["step"]) for row in rows if row.get("train/loss")) == 7
+    assert any(row.get("val/scenes/segmentation/miou") for row in rows)
+    assert any(row.get("test/objects/count/mae") for row in rows)
+    cosines = [row for row in rows if row.get("train/grad_cos/segmentation/depth")]
+    assert [int(row["step"]) for row in cosines] == [0, 2, 4, 6]
+    weights = {float(row["train/weight/depth"]) for row in rows if row.get("train/weight/depth")}
+    assert len(weights) > 1  # FAMO's weights move, the same on both ranks (one log, rank 0)
+    for warning in ("find_unused_parameters", "unused parameters", "sync_dist"):
+        assert warning not in output, warning
 
 
 def test_homogeneous_batches_put_one_source_on_every_rank_at_each_step() -> None:

@@ -184,6 +184,7 @@ def test_default_run_logs_the_report_and_the_summary_counts_flops(
     from lightning_mtl.train import train
 
     cfg = make_cfg(
+        "model.backbone.name=resnet18",  # the default backbone: its stages are checked below
         "trainer.limit_train_batches=1",
         "trainer.limit_val_batches=1",
         "test=false",

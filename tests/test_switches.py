@@ -4,8 +4,11 @@ users about (``logger=none``, ``callbacks=none``, ``debug=*`` with ``trainer=ddp
 ``experiment=`` on generated files in its native format).
 
 Composing covers everything in the default suite. One step of each option costs a Lightning run:
-the default suite runs a few (in one process), the slow suite the rest (every weighting, task
-file, architecture, experiment, source, and the DDP combinations in subprocesses).
+the default suite runs a few (in one process), the slow suite the rest (every task file,
+experiment, source, and the DDP combinations in subprocesses). Two groups have their own
+end-to-end tests, which this file checks cover every option rather than repeat them: every
+``weighting=`` trains the default experiment in tests/test_train.py, every
+``model.architecture=`` trains from its switch in tests/test_architectures.py.
 ``trainer=gpu`` and ``trainer=ddp`` need GPUs: they are composed and schema-checked only.
 """
 
@@ -215,19 +218,15 @@ def test_one_step_of_the_other_small_group_options(tmp_path: Path, run: tuple[st
     run_switches(tmp_path, *run)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("architecture", options("architecture"))
-def test_one_step_of_every_architecture(tmp_path: Path, architecture: str) -> None:
-    one_step(tmp_path, step_overrides("shapes", f"model.architecture={architecture}"))
+def test_every_weighting_and_architecture_option_has_its_training_test() -> None:
+    """The weighting and architecture groups are run by their own end-to-end tests (not again
+    here): each config file is one of their cases."""
+    from tests.test_architectures import NAMES
+    from tests.test_train import _method_cases
 
-
-@pytest.mark.slow  # 31 Lightning runs
-@pytest.mark.parametrize("weighting", options("weighting"))
-def test_one_step_of_every_weighting(tmp_path: Path, weighting: str) -> None:
-    index = options("weighting").index(weighting)
-    task = SHAPES_TASKS[index % len(SHAPES_TASKS)]
-    tasks = f"task=[{task},{SHAPES_TASKS[(index + 1) % len(SHAPES_TASKS)]}]"
-    one_step(tmp_path, step_overrides("shapes", f"weighting={weighting}", tasks))
+    trained = {getattr(case, "values", (case,))[0] for case in _method_cases()}
+    assert set(options("weighting")) <= trained
+    assert set(options("architecture")) <= set(NAMES)
 
 
 @pytest.mark.slow
@@ -315,10 +314,14 @@ def test_one_step_of_the_sources_no_experiment_uses(tmp_path: Path, source: str)
     one_step(tmp_path, overrides)
 
 
-@pytest.mark.slow  # each a 2-process DDP run in a subprocess
-@pytest.mark.parametrize("debug", options("debug"))
-def test_debug_configs_with_ddp_sim(tmp_path: Path, debug: str) -> None:
-    run_ddp_sim(tmp_path, f"debug={debug}", *(s for s in STEP if "accelerator" not in s))
+@pytest.mark.slow  # a DDP run in a subprocess
+def test_a_debug_config_with_ddp_sim(tmp_path: Path) -> None:
+    """``debug=<any> trainer=ddp_sim``: every debug config sets one CPU device (debuggers and
+    multiprocessing do not mix), so the combination runs the DDP strategy in one process. The
+    debug options differ only in Trainer flags, each run in-process above; one of them shows the
+    combination works."""
+    output = run_ddp_sim(tmp_path, "debug=fdr", *(s for s in STEP if "accelerator" not in s))
+    assert "Running in `fast_dev_run` mode" in output
 
 
 @pytest.mark.slow

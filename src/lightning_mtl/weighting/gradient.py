@@ -429,16 +429,22 @@ class GradientWeighting(Weighting):
         context: StepContext,
     ) -> list[torch.Tensor | None]:
         """``Σ wᵢ gᵢ`` per leaf (None where no task reaches it); a rule that overrides
-        :meth:`representation_direction` gets the flat rows."""
+        :meth:`representation_direction` gets the flat rows over the leaves some task reaches
+        (40 heads on the pooled vector: its 512 numbers per sample, not the feature maps too)."""
         if type(self).representation_direction is not GradientWeighting.representation_direction:
-            rows = flat_rows(grads, names, meeting)
-            return list(
-                split_like(
-                    self.representation_direction(rows, weights, local, context),
-                    meeting.leaves,
-                    keep_dtype=True,
-                )
+            reached = [
+                i for i in range(len(meeting.leaves)) if any(grads[n][i] is not None for n in names)
+            ]
+            rows = flat_rows(grads, names, meeting, reached)
+            pieces = split_like(
+                self.representation_direction(rows, weights, local, context),
+                [meeting.leaves[i] for i in reached],
+                keep_dtype=True,
             )
+            placed: list[torch.Tensor | None] = [None] * len(meeting.leaves)
+            for i, piece in zip(reached, pieces, strict=True):
+                placed[i] = piece
+            return placed
         direction: list[torch.Tensor | None] = []
         for index in range(len(meeting.leaves)):
             parts = [
@@ -614,19 +620,24 @@ def place_gram(
     return gram
 
 
-def flat_rows(grads: Mapping[str, LeafGrads], names: list[str], meeting: Meeting) -> torch.Tensor:
-    """The m×|z| matrix of the tasks' gradients over all leaves (zeros where not reached)."""
-    width = sum(leaf.numel() for leaf in meeting.leaves)
-    if not names:
-        return torch.zeros(0, width, device=meeting.leaves[0].device)
+def flat_rows(
+    grads: Mapping[str, LeafGrads], names: list[str], meeting: Meeting, leaves: list[int]
+) -> torch.Tensor:
+    """The m×|z| matrix of the tasks' gradients over the ``leaves`` (indices into
+    ``meeting.leaves``; zeros where a task does not reach one)."""
+    width = sum(meeting.leaves[i].numel() for i in leaves)
+    if not names or not leaves:
+        return torch.zeros(len(names), width, device=meeting.leaves[0].device)
     return torch.stack(
         [
             torch.cat(
                 [
-                    (g if g is not None else torch.zeros_like(leaf, dtype=torch.float32)).reshape(
-                        -1
-                    )
-                    for g, leaf in zip(grads[n], meeting.leaves, strict=True)
+                    (
+                        grads[n][i]
+                        if grads[n][i] is not None
+                        else torch.zeros_like(meeting.leaves[i], dtype=torch.float32)
+                    ).reshape(-1)
+                    for i in leaves
                 ]
             )
             for n in names
