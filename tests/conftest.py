@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -72,11 +72,18 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def run_ddp_sim(run_dir: Path, *overrides: str, timeout: int = 600) -> str:
-    """``mtl-train trainer=ddp_sim`` (two gloo processes) on the FAST data, in a subprocess:
-    Lightning's DDP launcher re-runs the command line for rank 1, so it cannot run in-process.
-    Fails the test with the output's tail on a non-zero exit; returns stdout and stderr."""
-    fast = [o for o in FAST if not o.startswith("trainer.accelerator")]
+# What DDP prints when a parameter gets no gradient or a logged value is not synchronised.
+DDP_WARNINGS = ("find_unused_parameters", "unused parameters", "sync_dist")
+
+
+def run_ddp_sim(
+    run_dir: Path, *overrides: str, base: Sequence[str] = FAST, timeout: int = 600
+) -> str:
+    """``mtl-train trainer=ddp_sim`` (two gloo processes) on ``base`` (the FAST run, or another
+    small one) plus ``overrides``, in a subprocess: Lightning's DDP launcher re-runs the command
+    line for rank 1, so it cannot run in-process. Fails the test with the output's tail on a
+    non-zero exit; returns stdout and stderr."""
+    fast = [o for o in base if not o.startswith("trainer.accelerator")]
     command = [sys.executable, "-m", "lightning_mtl.train", "trainer=ddp_sim", *fast, *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
     result = subprocess.run(

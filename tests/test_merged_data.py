@@ -7,9 +7,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +21,7 @@ from lightning_mtl.errors import ConfigError, DataError
 from lightning_mtl.metrics import R2Score
 from lightning_mtl.train import train
 from lightning_mtl.weighting import WEIGHTINGS
-from tests.conftest import FAST, compose_config
+from tests.conftest import DDP_WARNINGS, FAST, compose_config, run_ddp_sim
 from tests.test_data import Killed
 
 SMALL = [
@@ -298,15 +295,8 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
     losses train; validation, test and the conflict monitor log from rank 0; and none of DDP's
     warnings (unused parameters, unsynchronised logging) is printed."""
     record = tmp_path / "seen"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    env["PYTHONWARNINGS"] = "default"
-    overrides = [o for o in fast() if not o.startswith("trainer.accelerator")]
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_mtl.train",
-        "trainer=ddp_sim",
-        *overrides,
+    output = run_ddp_sim(
+        tmp_path,
         "trainer.max_epochs=2",
         "data.sources.scenes.sizes={train:44,val:8,test:8}",  # 60 = 3 global batches of 16 + 12
         "data.sampling.drop_last=false",  # the 12 are kept: each sample exactly once
@@ -314,11 +304,9 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
         "callbacks.gradient_conflict.every_n_steps=2",
         "test=true",
         f"+callbacks.recorder={{_target_: tests.test_merged_data.SampleRecorder, path: {record}}}",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+        base=fast(),
+        timeout=300,
+    )
     ranks = [json.loads(Path(f"{record}.{r}").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 8  # 4 steps per epoch on each rank
     everything = sorted([(0, i) for i in range(44)] + [(1, i) for i in range(16)])
@@ -335,7 +323,7 @@ def test_ddp_sim_ranks_share_each_epoch_exactly(tmp_path: Path) -> None:
     assert [int(row["step"]) for row in cosines] == [0, 2, 4, 6]
     weights = {float(row["train/weight/depth"]) for row in rows if row.get("train/weight/depth")}
     assert len(weights) > 1  # FAMO's weights move, the same on both ranks (one log, rank 0)
-    for warning in ("find_unused_parameters", "unused parameters", "sync_dist"):
+    for warning in DDP_WARNINGS:
         assert warning not in output, warning
 
 
