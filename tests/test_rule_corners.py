@@ -23,6 +23,7 @@ from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.weighting import StepContext, build_weighting
+from lightning_mtl.weighting.cagrad import CAGradSolver, cagrad_weights
 from tests.test_gradient_methods import step
 
 RULES = {
@@ -329,8 +330,23 @@ def test_cagrad_random_problems_torchjd_agreement_rescale_and_scale_freedom() ->
     assert float(reference(jd.CAGrad(c=0.5), jacobian * 1e-4).norm()) == 0.0  # torchjd: zero
     with pytest.raises(ConfigError, match="rescale"):
         build_weighting("cagrad", ["a", "b"], rescale=3)
-    solver = rule._solvers[k]
-    assert solver.problem.is_dcp(dpp=True)
+
+
+def test_cagrad_active_set_and_conic_program_give_the_same_optimum() -> None:
+    """The active set (tried first) and the conic program it falls back on agree, on regular,
+    dependent and wide problems; the program is a DPP one, compiled once per task count."""
+    for seed, k, n in ((0, 2, 12), (1, 3, 12), (2, 5, 12), (3, 10, 7), (4, 6, 3)):
+        jacobian = gaussian(k, n, 40 + seed)
+        jacobian[1] -= jacobian[0]
+        gram = (jacobian @ jacobian.T).numpy()
+        gram = gram / np.trace(gram)
+        linear, phi = gram.sum(1) / k, 0.5 * np.sqrt(gram.sum()) / k
+        solver = CAGradSolver(k)
+        assert solver.problem.is_dcp(dpp=True)
+        conic = CAGradSolver.polish(gram, linear, phi, solver.solve(gram, linear, phi))
+        weights = cagrad_weights(torch.from_numpy(gram), 0.5).numpy()
+        assert conic is not None
+        np.testing.assert_allclose(weights, 1 / k + phi * conic, rtol=1e-7, atol=1e-9)
 
 
 # ------------------------------------------------------------------- UPGrad and DualProj

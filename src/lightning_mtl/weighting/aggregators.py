@@ -11,7 +11,8 @@ gradients; more tasks than gradient dimensions). Where torchjd 0.18 deviates fro
 the piece is ours and its docstring says why (``docs/torchjd_notes.md`` has the reproductions):
 
 * a rank decision (IMTL-G, Aligned-MTL, ConFIG) is made on the Gram matrix of the unit gradients
-  at float32 resolution (:func:`gram_range`): torchjd's threshold, ``k·eps64`` on G, reads the
+  at the float32 gradients' noise level, singular values below 1e-5 of the largest
+  (:func:`gram_range`, :func:`rank_tolerance`): torchjd's threshold, ``k·eps64`` on G, reads the
   round-off of G itself as rank once the gradients are long (D = 1e5: IMTL-G and Aligned-MTL
   give a direction ~0 for exactly dependent gradients);
 * CAGrad solves the paper's dual exactly; torchjd returns an all-zero update below an absolute
@@ -41,8 +42,9 @@ from lightning_mtl.weighting.base import StepContext
 from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
-#: eigenvalues of the unit gradients' Gram matrix under ``k · FLOAT32_EPS · λ_max`` are round-off
-FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+#: a direction of the unit gradients whose singular value is below this fraction of the largest
+#: is noise (see :func:`rank_tolerance`)
+RANK_RTOL = 1e-5
 #: a task gradient with ``‖gᵢ‖² ≤ ZERO_RATIO · max ‖gⱼ‖²`` is zero (float64 round-off of G)
 ZERO_RATIO = float(torch.finfo(torch.float64).eps)
 
@@ -58,12 +60,20 @@ def preference_vector(pref: Sequence[float] | None, k: int) -> torch.Tensor | No
 
 
 def rank_tolerance(eigenvalues: torch.Tensor) -> float:
-    """The eigenvalue below which a direction of a unit-diagonal Gram matrix is round-off:
-    ``k · eps_float32 · λ_max``, the official Aligned-MTL code's threshold (``torch.finfo()`` is
-    float32's there). The gradients are float32, so directions whose relative singular value is
-    below ~1e-3 carry no signal; G's own float64 round-off (~√D·eps64) stays far below."""
+    """The eigenvalue below which a direction of a unit-diagonal Gram matrix is noise:
+    ``RANK_RTOL² · λ_max``, i.e. a singular value of the unit gradients below 1e-5 of the largest.
+
+    Why there: G is formed in float64, so its own round-off (~1e-16 relative) is far below; the
+    gradients are float32, and two backward passes that should give dependent gradients (a task
+    that is the sum of two others) agree to ~1e-7-1e-6 relative, which is where their round-off
+    puts the spurious singular values. A direction above 1e-5 is signal, which the papers'
+    algorithms (exact pseudo-inverses) invert: on the CAGrad toy's Pareto set the two gradients
+    are 1e-4 from anti-parallel and ConFIG's direction is still defined there (the official
+    code's float32 least squares keeps it). The earlier cut, Aligned-MTL's official ``k·eps₃₂``
+    on the eigenvalues of a float32 G (singular values below ~6e-4), dropped such directions and
+    returned a zero update off the Pareto set."""
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
-    return max(top, 0.0) * len(eigenvalues) * FLOAT32_EPS
+    return max(top, 0.0) * RANK_RTOL**2
 
 
 def gram_range(gram: torch.Tensor) -> torch.Tensor:

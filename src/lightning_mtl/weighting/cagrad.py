@@ -109,6 +109,15 @@ class CAGradSolver:
         return None
 
 
+def _supports(m: int) -> list[np.ndarray]:
+    """Starting supports for the active set: every task, then (up to 4 tasks) each subset."""
+    starts = [np.ones(m)]
+    if m <= 4:
+        for mask in range(1, 2**m - 1):
+            starts.append(np.array([(mask >> i) & 1 for i in range(m)], dtype=np.float64))
+    return starts
+
+
 def cagrad_weights(
     gram: torch.Tensor, c: float, solvers: dict[int, CAGradSolver] | None = None
 ) -> torch.Tensor:
@@ -130,6 +139,14 @@ def cagrad_weights(
         return uniform  # c = 0, or the mean gradient is zero: the ball is a point
     if m == 1:
         return uniform * (1 + c)
+    # The active set from the full support usually meets the optimality conditions in a few
+    # k×k solves (they are checked, so its answer is the optimum); with dependent gradients (a
+    # singular G, as at a Pareto-stationary point) a few tasks start from each small support.
+    # The conic program (about 5 ms per call through cvxpy) only runs where none of them does.
+    for start in _supports(m):
+        exact = CAGradSolver.polish(g, linear, phi, start)
+        if exact is not None:
+            return torch.from_numpy(np.full(m, 1.0 / m) + phi * exact).to(gram)
     solvers = {} if solvers is None else solvers
     if m not in solvers:
         solvers[m] = CAGradSolver(m)
@@ -157,13 +174,15 @@ class CAGrad(GradientWeighting):
     Ours, not torchjd's: torchjd's ``CAGradWeighting`` returns all-zero weights when G's trace or
     ``‖g_w‖`` (after normalising G) falls below an absolute ``norm_eps = 1e-4``, e.g. when one task's
     gradient is zero (the paper gives the mean gradient there) or scales are 1e4 apart. Here the
-    dual is one DPP problem per task count (CLARABEL), polished to the exact optimality conditions;
+    dual is solved by an active set on its optimality conditions (from the full support; one DPP
+    problem per task count, CLARABEL, where that does not converge), exact to round-off;
     in the regular case the weights equal torchjd's (to its solver's ~1e-8). The c-term is dropped
     exactly when ``g_w = 0`` is the optimum, as the paper's algorithm does.
 
     ``rescale`` as the official code: 0 returns d (torchjd's convention, the default), 1 divides
-    it by ``1 + c²``, 2 by ``1 + c``. One task: ``d = (1 + c) g`` (before rescaling). Cost: one
-    small conic solve and a k×k eigendecomposition.
+    it by ``1 + c²``, 2 by ``1 + c``. One task: ``d = (1 + c) g`` (before rescaling). Cost: a few
+    k×k pseudo-inverses (0.1 ms at k = 2); where the active set fails, one small conic solve and a
+    k×k eigendecomposition.
     """
 
     def __init__(

@@ -10,11 +10,12 @@ of the Gram matrix, so it needs no k×D matrix: with ``D = diag(G)`` and ``Gᵤ 
     d = Jᵀ w,   w = D^{-½} a · (1ᵀ G D^{-½} a) / (aᵀ Gᵤ a).
 
 The pseudo-inverse of Gᵤ is taken on its numerical range
-(:func:`~lightning_mtl.weighting.aggregators.gram_range`: eigenvalues above ``k·eps_float32``),
-the Gram analogue of the official code's ``pinv`` of the float32 unit matrix: round-off of
-dependent gradients is not rank (torchjd's aggregator, given the float64 cast of float32 rows
-with ``g₃ = g₁ + g₂``, inverts that round-off and returns a direction of norm ~1e-5 instead of
-~90). A test checks ``Jᵀ w`` against torchjd's aggregator. Cost: one k×k eigendecomposition.
+(:func:`~lightning_mtl.weighting.aggregators.gram_range`: singular values of the unit gradients
+above 1e-5 of the largest), the Gram analogue of the official code's least squares on the
+float32 unit matrix: round-off of dependent gradients is not rank (torchjd's aggregator, given
+the float64 cast of float32 rows with ``g₃ = g₁ + g₂``, inverts that round-off and returns a
+direction of norm ~1e-5 instead of ~90), while gradients 1e-4 from anti-parallel (the CAGrad
+toy's Pareto set) keep their equal-cosine direction. A test checks ``Jᵀ w`` against torchjd's aggregator. Cost: one k×k eigendecomposition.
 
 Corners: a zero gradient has no unit vector and drops out (weight 0), as in the official code
 (``nan_to_num``); one task gives ``d = g``; anti-parallel gradients (``1 ⊥ range Gᵤ``) give 0,

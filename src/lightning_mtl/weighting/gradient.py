@@ -12,8 +12,9 @@ Hard sharing has one (the backbone's output); a branching tree one per node. One
    across nested places the chain rule runs through the cuts (:func:`balance`);
 2. at each place, G comes from those gradients (``level=representation``, the MGDA-UB trick of
    Sener & Koltun 2018) or from the gradients of the place's shared parameters θ
-   (``level=params``: one more backward pass per task, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``, batched by
-   torchjd's autogram engine so that only G, never the k×D Jacobian, is formed);
+   (``level=params``: one more backward pass per task, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``; the k×D
+   Jacobian where it fits ``jacobian_budget_mb``, else G alone by torchjd's autogram engine;
+   :mod:`~lightning_mtl.weighting.rule_inputs` forms what the rule reads);
 3. ``w = rule(G)`` (detached; under DDP G is global, so every rank gets the same w);
 4. the step returns ``Σ Lᵢ + Σ_places (⟨z, Σ wᵢ ∂Lᵢ/∂z'⟩ − the same, detached)``. Lightning's one
    backward then gives every head exactly its own task's gradient and each place's parameters
@@ -22,10 +23,11 @@ Hard sharing has one (the backbone's output); a branching tree one per node. One
    Lightning's.
 
 Cost per step, for k tasks: k backward passes through the heads and one through the backbone
-(representation level), plus k through the backbone (params level). Memory: the k×|z| task
-gradients of the representation; at params level also one module's k×|θ_m| Jacobian block at a
-time (:mod:`~lightning_mtl.weighting.shared_gramian`; G is all that the rules read), or the
-k×D Jacobian under DDP and in plain loops that skip :meth:`GradientWeighting.prepare`.
+(representation level), plus k through the backbone (params level, where a kept Jacobian
+gives ``Jᵀw`` without the backbone's second backward). Memory: the k×|z| task gradients of the
+representation; at params level also the k×D Jacobian (within the budget, under DDP, and in
+plain loops that skip :meth:`GradientWeighting.prepare`) or one module's k×|θ_m| block at a
+time (:mod:`~lightning_mtl.weighting.shared_gramian`).
 
 DDP: the rule must see the global batch. At the representation level the global Gram matrix is
 the sum of the ranks' local ones divided by world_size² (DDP averages gradients): one
@@ -52,13 +54,7 @@ import torch
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import LEVELS, Meeting, MeetingPlace
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
-from lightning_mtl.weighting.jacobian import (
-    ParameterJacobian,
-    batch_halves,
-    gram64,
-    inject_into_parameters,
-    parameter_jacobian,
-)
+from lightning_mtl.weighting.jacobian import inject_into_parameters
 from lightning_mtl.weighting.meetings import (
     LeafGrads,
     balance,
@@ -66,6 +62,7 @@ from lightning_mtl.weighting.meetings import (
     split_like,
     surrogate,
 )
+from lightning_mtl.weighting.rule_inputs import Solved, flat_rows, rule_inputs
 from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 log = logging.getLogger(__name__)
@@ -324,9 +321,9 @@ class GradientWeighting(Weighting):
             stats[0, i] = losses[name].detach().double()
             stats[1, i] = 1.0
         update = self.updates_now(context.step)
-        solved = _Solved()
+        solved = Solved()
         if update:
-            solved = self._solve_inputs(meeting, grads, names, local, stats, context)
+            solved = rule_inputs(self, meeting, grads, names, local, stats, context)
         elif context.all_reduce is not None:
             stats.copy_(context.all_reduce(stats))
         present = [i for i in range(k) if stats[1, i] > 0]
@@ -405,7 +402,7 @@ class GradientWeighting(Weighting):
 
     def _rule_weights(
         self,
-        solved: _Solved,
+        solved: Solved,
         sub: torch.Tensor,
         present: list[int],
         losses: torch.Tensor,
@@ -458,196 +455,3 @@ class GradientWeighting(Weighting):
                 else None
             )
         return direction
-
-    def _solve_inputs(
-        self,
-        meeting: Meeting,
-        grads: Mapping[str, LeafGrads],
-        names: list[str],
-        local: list[int],
-        stats: torch.Tensor,
-        context: StepContext,
-    ) -> _Solved:
-        """What the rule reads, for the global batch: G (k×k, float64) and, where the rule or
-        the params-level path needs them, the Jacobian and ``J₁J₂ᵀ``. ``stats`` (the loss
-        sums and counts) is summed over ranks in place, in the same all-reduce."""
-        k = len(self.tasks)
-        if self.level == "representation":
-            if self.needs_jacobian or self.needs_cross_gram:
-                raise ConfigError(f"{type(self).__name__} is defined at level=params only")
-            gram = place_gram(grads, names, local, k, len(meeting.leaves), stats.device)
-            if context.all_reduce is not None:
-                gram = _reduce_with(gram, stats, context) / context.world_size**2
-            return _Solved(gram)
-        cotangents = [list(grads[n]) for n in names]  # None: a tensor the task does not reach
-        shares = (1.0,)
-        if self.needs_cross_gram:
-            halves = batch_halves(meeting.tensors)
-            shares = tuple(float(h.mean()) for h in halves)
-            # each half's rows are the gradients of that half's own mean loss: masked, / share
-            cotangents = [
-                [
-                    None if c is None else c * (h / h.mean()).view(-1, *[1] * (c.dim() - 1))
-                    for c in row
-                ]
-                for h in halves
-                for row in cotangents
-            ]
-        gramian = self._gramians.get(meeting.place.name)
-        if context.all_reduce is None and gramian is not None and gramian.active:
-            engine_gram = gramian.gramian(cotangents, meeting.tensors, context.grad_scale)
-            if engine_gram is not None:
-                return _Solved.of(engine_gram.double(), local, k, shares)
-        params = meeting.place.trainable_parameters()
-        jacobian = parameter_jacobian(cotangents, meeting.tensors, params, context.grad_scale)
-        rows = list(local)  # the row of each task (halves: then the same again, + len(local))
-        if context.all_reduce is not None or self.needs_jacobian:
-            # k rows (per half) in task order: the rule reads J, or J is all-reduced
-            width = sum(p.numel() for p in params)
-            full = torch.zeros(len(shares) * k, width, device=stats.device)
-            index = torch.tensor(
-                [i + h * k for h in range(len(shares)) for i in local],
-                dtype=torch.long,
-                device=full.device,
-            )
-            if local:
-                full[index] = jacobian.matrix()
-            if context.all_reduce is not None:
-                full = _reduce_with(full, stats, context) / context.world_size
-            jacobian, rows = jacobian.with_matrix(full), list(range(k))
-        m = len(rows)
-        parts = [
-            [
-                jacobian.gram(self.exact_gram, range(a * m, (a + 1) * m), range(b * m, (b + 1) * m))
-                for b in range(len(shares))
-            ]
-            for a in range(len(shares))
-        ]
-        local_gram = sum(
-            shares[a] * shares[b] * parts[a][b]
-            for a in range(len(shares))
-            for b in range(len(shares))
-        ).to(stats.device)
-        cross = parts[0][1] if len(shares) == 2 else None
-        solved = _Solved.of(
-            local_gram, rows if rows != list(range(k)) else list(range(k)), k, None, cross
-        )
-        solved.jacobian, solved.rows, solved.shares = jacobian, rows, shares
-        return solved
-
-
-class _Solved:
-    """What one step's rule reads: G (k×k), and where formed the parameters' Jacobian (with the
-    row of each task, per half) and the cross-half Gram matrix ``J₁J₂ᵀ`` (k×k)."""
-
-    def __init__(self, gram: torch.Tensor | None = None) -> None:
-        self.gram = gram if gram is not None else torch.zeros(0, 0, dtype=torch.float64)
-        self.cross: torch.Tensor | None = None
-        self.jacobian: ParameterJacobian | None = None
-        self.rows: list[int] = []
-        self.shares: tuple[float, ...] = (1.0,)
-
-    @classmethod
-    def of(
-        cls,
-        local_gram: torch.Tensor,
-        rows: list[int],
-        k: int,
-        shares: tuple[float, ...] | None,
-        cross: torch.Tensor | None = None,
-    ) -> _Solved:
-        """From the Gram matrix of the rows ``rows`` (tasks' indices): with ``shares`` it is the
-        engine's (2m)×(2m) matrix of the two halves, combined here into G and ``J₁J₂ᵀ``."""
-        m = len(rows)
-        if shares is not None and len(shares) == 2:
-            a, b = shares
-            g = local_gram
-            cross = g[:m, m:]
-            local_gram = a * a * g[:m, :m] + a * b * (g[:m, m:] + g[m:, :m]) + b * b * g[m:, m:]
-        index = torch.tensor(rows, dtype=torch.long, device=local_gram.device)
-        solved = cls(local_gram.new_zeros(k, k))
-        solved.gram[index[:, None], index[None, :]] = local_gram
-        if cross is not None:
-            solved.cross = local_gram.new_zeros(k, k)
-            solved.cross[index[:, None], index[None, :]] = cross
-        return solved
-
-    def direction(
-        self, weights: torch.Tensor, present: list[int]
-    ) -> tuple[list[torch.Tensor], float]:
-        """``Jᵀw`` per parameter (as :meth:`ParameterJacobian.combine`: parts and a factor), for
-        the present tasks' ``weights`` (halves: the batch's J is their share-weighted sum)."""
-        assert self.jacobian is not None
-        position = {task: row for row, task in enumerate(self.rows)}
-        m = len(self.rows)
-        vector = weights.new_zeros(len(self.shares) * m, dtype=torch.float32)
-        for w, i in zip(weights.float(), present, strict=True):
-            if i in position:
-                for h, share in enumerate(self.shares):
-                    vector[position[i] + h * m] = w * share
-        return self.jacobian.combine(vector)
-
-    def task_jacobian(self, present: list[int]) -> torch.Tensor:
-        """The present tasks' rows of J as one matrix (for rules that read J)."""
-        assert self.jacobian is not None
-        return self.jacobian.matrix()[present]
-
-
-def place_gram(
-    grads: Mapping[str, LeafGrads],
-    names: list[str],
-    local: list[int],
-    k: int,
-    width: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """The k×k Gram matrix (float64) of the task gradients at a meeting, formed leaf by leaf
-    over the tasks that reach each leaf only: ``G[S,S] += R Rᵀ`` with R the rows of the tasks S
-    reaching the leaf. A head that reads the pooled vector costs its 512 numbers per sample,
-    not the whole representation's (all feature maps) of zeros."""
-    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    for leaf in range(width):
-        reach = [
-            (i, grads[n][leaf])
-            for i, n in zip(local, names, strict=True)
-            if grads[n][leaf] is not None
-        ]
-        if not reach:
-            continue
-        index = torch.tensor([i for i, _ in reach], dtype=torch.long, device=device)
-        rows = torch.stack([g.reshape(-1) for _, g in reach])
-        gram[index[:, None], index[None, :]] += gram64(rows)
-    return gram
-
-
-def flat_rows(
-    grads: Mapping[str, LeafGrads], names: list[str], meeting: Meeting, leaves: list[int]
-) -> torch.Tensor:
-    """The m×|z| matrix of the tasks' gradients over the ``leaves`` (indices into
-    ``meeting.leaves``; zeros where a task does not reach one)."""
-    width = sum(meeting.leaves[i].numel() for i in leaves)
-    if not names or not leaves:
-        return torch.zeros(len(names), width, device=meeting.leaves[0].device)
-    return torch.stack(
-        [
-            torch.cat(
-                [
-                    (
-                        grads[n][i]
-                        if grads[n][i] is not None
-                        else torch.zeros_like(meeting.leaves[i], dtype=torch.float32)
-                    ).reshape(-1)
-                    for i in leaves
-                ]
-            )
-            for n in names
-        ]
-    )
-
-
-def _reduce_with(tensor: torch.Tensor, stats: torch.Tensor, context: StepContext) -> torch.Tensor:
-    """``tensor`` summed over the DDP ranks, in one all-reduce with ``stats`` (summed in place)."""
-    assert context.all_reduce is not None
-    packed = context.all_reduce(torch.cat([tensor.flatten(), stats.to(tensor.dtype).flatten()]))
-    stats.copy_(packed[tensor.numel() :].view_as(stats))
-    return packed[: tensor.numel()].view_as(tensor)

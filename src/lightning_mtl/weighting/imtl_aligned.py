@@ -28,9 +28,9 @@ class IMTLG(GradientWeighting):
     dependent gradients). Cost: one k×k eigendecomposition.
 
     Ours, not torchjd's ``IMTLGWeighting``, for two details: the pseudo-inverse is taken on G's
-    numerical range (:func:`gram_range`: rank decided on the unit gradients at float32
-    resolution; torchjd's ``k·eps64`` threshold on G reads the round-off of a Gram matrix of long
-    gradients as rank, e.g. ``w = (1, 1, −1)``, d ≈ 0, for ``g₃ = g₁ + g₂`` with D = 1e5), and
+    numerical range (:func:`gram_range`: rank decided on the unit gradients at the float32
+    gradients' noise level; torchjd's ``k·eps64`` threshold on G reads the round-off of a Gram
+    matrix of long gradients as rank, e.g. ``w = (1, 1, −1)``, d ≈ 0, for ``g₃ = g₁ + g₂`` with D = 1e5), and
     the test for a vanishing ``Σ(G⁺n)`` is relative (torchjd's absolute 1e-12 zeroes the weights
     of gradients with norms above ~1e12). Corners: a zero gradient has ``nᵢ = 0`` and drops out
     (the paper's unit vector is undefined); one task, ``d = g``; anti-parallel gradients and more
@@ -66,8 +66,10 @@ class AlignedMTL(PreferenceWeighting):
     one k×k eigendecomposition.
 
     Ours, not torchjd's: the eigendecomposition is taken on G's numerical range
-    (:func:`gram_range`, rank decided on the unit gradients with the official code's
-    ``k · eps_float32`` threshold). torchjd uses ``k · eps64 · λ_max`` on G itself, which reads the
+    (:func:`gram_range`, rank decided on the unit gradients: singular values below 1e-5 of the
+    largest are the float32 gradients' noise; the official code cuts eigenvalues of a float32 G
+    at ``k · eps_float32``, that G's own round-off, which also drops real directions whose
+    singular value is below ~6e-4). torchjd uses ``k · eps64 · λ_max`` on G itself, which reads the
     round-off of a Gram matrix of long gradients as rank (D = 1e5, ``g₃ = g₁ + g₂``: σ collapses
     to the round-off and d ≈ 0); the official code, on G itself, would drop a task 1e4 times
     smaller than the others, which here stays rank (as in torchjd). Corners: a zero gradient has

@@ -14,8 +14,9 @@ second time. Cost per step: the forward, the heads' backward and one k-batched b
 its Python hooks); memory: the k×D Jacobian (float32; ``weighting.jacobian_budget_mb`` chooses
 the Gram-only engine above it).
 
-:func:`gram64` forms ``G = J Jᵀ`` in float64, in column blocks of at most 2²⁰ numbers per row so
-that the float64 copy never exceeds ``8·k·2²⁰`` bytes. Why float64: rules with a pseudo-inverse,
+:func:`cross64` forms ``G = J Jᵀ`` in float64, in column blocks of at most 2¹⁶ numbers per row
+so that the float64 copy never exceeds ``8·k·2¹⁶`` bytes (the params level's Jacobian is
+converted block by block too, not parameter by parameter). Why float64: rules with a pseudo-inverse,
 a linear solve or an eigenvalue cut-off (IMTL-G, Aligned-MTL, ConFIG, Nash-MTL) read the
 round-off of a float32 G as rank when G is singular (dependent gradients, k > D); a float64 G
 carries float32 inputs exactly (every product of two float32 numbers is exact in float64) and
@@ -35,18 +36,42 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 1 << 20
+_BLOCK = 1 << 16  # columns per float64 block: k·512 KiB, converted while in cache
 _warned_loop = False
 
 
 def gram64(rows: torch.Tensor) -> torch.Tensor:
     """``rows @ rows.T`` formed in float64, one column block at a time."""
-    k, n = rows.shape
-    gram = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    return cross64(list(rows), None)
+
+
+def cross64(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """``A Bᵀ`` in float64 for the flat rows ``left`` (A) and ``right`` (B; None: A itself).
+
+    Each block of ``_BLOCK`` columns is copied (and so converted) into one preallocated float64
+    buffer and multiplied there: the float64 copy stays at ``8·k·2¹⁶`` bytes, in cache, and no
+    block is allocated. On this project's 2-core CPU that takes 13 ms for 3 rows of 2.4 M
+    (resnet18's largest parameter), against 9 ms for float32 dot products and 30-64 ms for
+    converting the rows whole or in larger, freshly allocated blocks."""
+    n = int(left[0].numel()) if left else 0
+    device = left[0].device if left else torch.device("cpu")
+    total = torch.zeros(len(left), len(left if right is None else right), dtype=torch.float64)
+    total = total.to(device)
+    width = min(_BLOCK, n)
+    a_buffer = torch.empty(len(left), width, dtype=torch.float64, device=device)
+    b_buffer = None if right is None else a_buffer.new_empty(len(right), width)
     for start in range(0, n, _BLOCK):
-        block = rows[:, start : start + _BLOCK].double()
-        gram += block @ block.T
-    return gram
+        size = min(_BLOCK, n - start)
+        a = a_buffer[:, :size]
+        for i, x in enumerate(left):
+            a[i].copy_(x[start : start + size])
+        b = a
+        if right is not None and b_buffer is not None:
+            b = b_buffer[:, :size]
+            for j, y in enumerate(right):
+                b[j].copy_(y[start : start + size])
+        total += a @ b.T
+    return total
 
 
 class ParameterJacobian:
@@ -87,17 +112,15 @@ class ParameterJacobian:
         other = rows if other is None else other
         device = self.params[0].device if self.params else torch.device("cpu")
         total = torch.zeros(len(rows), len(other), dtype=torch.float64, device=device)
-        if self._blocks is not None:
+        if self._blocks is not None and not exact:
             for block in self._blocks:
                 a, b = block[rows.start : rows.stop], block[other.start : other.stop]
-                total += a.double() @ b.double().T if exact else (a @ b.T).double()
+                total += (a @ b.T).double()
             return total.cpu()
         same = rows == other
         for left, right in zip(self.pieces(rows), self.pieces(other), strict=True):
             if exact:
-                a = torch.stack(left).double()
-                b = a if same else torch.stack(right).double()
-                total += a @ b.T
+                total += cross64(left, None if same else right)
                 continue
             for i, x in enumerate(left):  # dot products: no stacked copy of the rows
                 for j in range(i if same else 0, len(right)):

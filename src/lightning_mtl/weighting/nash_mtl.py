@@ -153,7 +153,9 @@ class NashMTL(GradientWeighting):
                 )
             alpha = torch.from_numpy(solution)
         self.solution[tasks] = alpha.to(self.solution)
-        norm = float(alpha @ block @ alpha) ** 0.5
+        # αᵀGα ≥ 0 in exact arithmetic; on a singular G (anti-parallel gradients, as at the
+        # Pareto set of the CAGrad toy) round-off can make it -1e-17, whose root is complex
+        norm = max(float(alpha @ block @ alpha), 0.0) ** 0.5
         if self.max_norm > 0 and norm > self.max_norm:
             alpha = alpha / norm * self.max_norm
         weights[live] = alpha
