@@ -26,7 +26,7 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 
 TASKS = ["f1", "f2"]
 STARTS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]  # the paper's five
-PARETO = [(-3.0, -8.4), (5.0, -8.4)]  # on (or next to) the valley floor
+PARETO = [(-3.0, -8.4), (5.0, -8.4)]  # next to the Pareto set: 1e-3 rad from anti-parallel
 AVERAGE_MINIMUM = -15.092
 RULE_LEVEL = {"modo", "sdmgrad", "excess_mtl"}  # params level only: driven through their rules
 FLOOR = {"min_losses": {"f1": -25.0, "f2": -25.0}}
@@ -50,14 +50,15 @@ def toy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return log1 * upper + bowl1 * lower, log2 * upper + bowl2 * lower
 
 
-def pareto_stationary(jacobian: torch.Tensor) -> bool:
-    """Whether 0 is in the segment between the two gradients (MGDA's min-norm point) to the
-    precision at which the rules tell directions from noise (``RANK_RTOL``)."""
+def pareto_stationary(jacobian: torch.Tensor, tolerance: float = RANK_RTOL) -> bool:
+    """Whether 0 is in the segment between the two gradients (MGDA's min-norm point), relative
+    to the larger gradient; by default to the precision at which the rules tell directions from
+    noise (``RANK_RTOL``)."""
     g1, g2 = jacobian
     diff = g1 - g2
     t = float((-(g2 @ diff) / (diff @ diff)).clamp(0, 1)) if float(diff @ diff) > 0 else 0.0
     closest = g2 + t * diff
-    return float(closest.norm()) <= RANK_RTOL * float(jacobian.norm(dim=1).max())
+    return float(closest.norm()) <= tolerance * float(jacobian.norm(dim=1).max())
 
 
 def descend(name: str, start: tuple[float, float], steps: int, lr: float = 0.01) -> dict:
@@ -98,7 +99,7 @@ def descend(name: str, start: tuple[float, float], steps: int, lr: float = 0.01)
         direction = holder.x.grad
         assert torch.isfinite(weights).all(), (name, step, weights)
         assert torch.isfinite(direction).all(), (name, step, direction)
-        if float(direction.norm()) == 0.0:
+        if float(direction.norm()) <= 1e-12 * float(jacobian.norm(dim=1).max()):
             assert pareto_stationary(jacobian), (name, step, holder.x.detach(), jacobian)
         optimizer.step()
     x = holder.x.detach()
@@ -112,10 +113,11 @@ def every_method() -> list[str]:
 
 @pytest.mark.parametrize("name", every_method())
 def test_every_method_runs_the_toy_from_every_start(name: str) -> None:
-    """No crash, NaN weight or silent zero update on the toy: from the paper's starts (steep
-    log-valleys, 1e3-scale gradient ratios, negative losses) and on the Pareto set, where the two
-    gradients are anti-parallel and G is singular (where Nash-MTL's norm once took the root of a
-    round-off −1e-17)."""
+    """No crash, NaN weight or silent (near-)zero update on the toy: from the paper's starts
+    (steep log-valleys, 1e3-scale gradient ratios, negative losses) and next to the Pareto set,
+    where the two gradients are 1e-3 rad from anti-parallel and G nearly singular (the
+    anti-parallel case itself, where Nash-MTL's norm once took the root of a round-off −1e-17, is
+    ``test_nash_mtl_norm_of_a_round_off_negative_quadratic_form`` in test_rule_corners.py)."""
     for start in [*STARTS, *PARETO]:
         end = descend(name, start, steps=8)
         assert torch.isfinite(end["x"]).all(), (name, start)
@@ -174,5 +176,12 @@ def test_the_papers_figure_cagrad_reaches_the_average_minimum_from_all_five_star
     for start, end in zip(STARTS, rule_descend("cagrad", STARTS, 5000, 0.02), strict=True):
         assert end["average"] == pytest.approx(AVERAGE_MINIMUM, abs=0.02), (start, end)
     mgda = rule_descend("mgda", STARTS, 3000, 0.02)
+    for end in mgda:  # stopped on the Pareto set (to Adam's lr-sized jitter), not moving along
+        point = end["x"].clone().requires_grad_()
+        f1, f2 = toy(point)
+        jacobian = torch.stack(
+            [torch.autograd.grad(f, point, retain_graph=True)[0] for f in (f1, f2)]
+        )
+        assert pareto_stationary(jacobian, tolerance=1e-2), (end, jacobian)
     assert len({round(float(end["x"][0]), 1) for end in mgda}) >= 3, mgda
     assert sum(end["average"] > AVERAGE_MINIMUM + 0.5 for end in mgda) >= 3, mgda

@@ -248,3 +248,26 @@ def test_fp16_scaled_gradients_do_not_underflow_and_overflow_skips_state() -> No
     assert all(math.isnan(float(w)) for w in combined.weights.values())
     assert torch.isnan(direction).all()  # the GradScaler sees inf/NaN and skips the step
     torch.testing.assert_close(method.targets, before)  # and the rule's state is untouched
+
+
+def test_rules_run_with_blas_on_one_thread_and_the_limit_is_restored(monkeypatch) -> None:
+    """NumPy's BLAS is held to one thread while a rule solves (its idle workers would otherwise
+    spin through the rest of the step on the cores it needs), and given back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen: list[list[int]] = []
+    method = build_weighting("upgrad", TASKS)
+    original = type(method).gram_weights
+
+    def spy(self, *args, **kwargs):
+        seen.append(blas_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(method), "gram_weights", spy)
+    step(method, random_jacobian())
+    assert seen and all(threads == [1] * len(before) for threads in seen), seen
+    assert blas_threads() == before

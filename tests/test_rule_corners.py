@@ -333,9 +333,9 @@ def test_cagrad_random_problems_torchjd_agreement_rescale_and_scale_freedom() ->
 
 
 def test_cagrad_active_set_and_conic_program_give_the_same_optimum() -> None:
-    """The active set (tried first) and the conic program it falls back on agree, on regular,
-    dependent and wide problems; the program is a DPP one, compiled once per task count."""
-    for seed, k, n in ((0, 2, 12), (1, 3, 12), (2, 5, 12), (3, 10, 7), (4, 6, 3)):
+    """Up to 4 tasks the active set (tried first) and the conic program it falls back on agree,
+    on regular and wide (k > D) problems; the program is a DPP one, compiled once per k."""
+    for seed, k, n in ((0, 2, 12), (1, 3, 12), (2, 4, 12), (3, 4, 3), (4, 3, 2)):
         jacobian = gaussian(k, n, 40 + seed)
         jacobian[1] -= jacobian[0]
         gram = (jacobian @ jacobian.T).numpy()
@@ -517,3 +517,41 @@ def test_graddrop_corners_keep_or_sum_gradients() -> None:
     kept = (direction == rows[0]) | (direction == rows[2]) | (direction == rows[0] + rows[2])
     assert bool(kept.all())  # each element: one sign's gradients, the zero task adds nothing
     assert type(rule).reuses_weights is False  # update_every > 1 has no weights to reuse
+
+
+def test_nash_mtl_norm_of_a_round_off_negative_quadratic_form(monkeypatch) -> None:
+    """Exactly anti-parallel gradients: αᵀGα can come out as −1e-16 in float64; the rescaling
+    must read it as 0 (it took a complex square root and crashed before), not as a norm."""
+    from lightning_mtl.weighting.nash_mtl import NashSolver
+
+    monkeypatch.setattr(NashSolver, "solve", lambda self, *a: (np.array([1.0, 1.0]), False))
+    gram = torch.tensor([[1.0, -1.0], [-1.0, 1.0 - 1e-16]], dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    assert float(ones @ gram @ ones) < 0
+    rule = build_weighting("nash_mtl", tasks_of(2))
+    weights = rule.gram_weights(gram, [0, 1], torch.ones(2), StepContext())
+    assert weights.tolist() == [1.0, 1.0]  # norm 0: nothing to clip
+
+
+def test_rank_cut_follows_the_precision_of_the_gradients() -> None:
+    """Full float32: singular values of the unit gradients below 1e-5 of the largest are noise;
+    under autocast (or TF32 on CUDA) the gradients carry ~1e-3 noise and the cut is k·eps₃₂ on
+    the eigenvalues (~6e-4 on the singular values at k = 3)."""
+    from lightning_mtl.weighting.aggregators import rank_tolerance
+
+    values = torch.tensor([1e-9, 1.0, 2.0], dtype=torch.float64)
+    assert rank_tolerance(values) == pytest.approx(2.0 * 1e-10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coarse = rank_tolerance(values)
+    assert coarse == pytest.approx(2.0 * 3 * float(torch.finfo(torch.float32).eps))
+    # IMTL-G on g₃ = g₁ + g₂ with 3e-5 relative noise: the fine cut inverts the noise, the
+    # reduced-precision cut reads it as the dependence it is
+    rows = gaussian(3, 100_000, 9)
+    noisy = rows.clone()
+    noisy[2] = (rows[0] + rows[1]) * (1 + 3e-5 * gaussian(1, 100_000, 10)[0])
+    exact = rows.clone()
+    exact[2] = rows[0] + rows[1]
+    expected = imtl_g_from_svd(exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, direction = run(build_weighting("imtl_g", tasks_of(3)), noisy)
+    assert relative(direction, expected) < 1e-3

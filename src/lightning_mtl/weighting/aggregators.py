@@ -11,8 +11,9 @@ gradients; more tasks than gradient dimensions). Where torchjd 0.18 deviates fro
 the piece is ours and its docstring says why (``docs/torchjd_notes.md`` has the reproductions):
 
 * a rank decision (IMTL-G, Aligned-MTL, ConFIG) is made on the Gram matrix of the unit gradients
-  at the float32 gradients' noise level, singular values below 1e-5 of the largest
-  (:func:`gram_range`, :func:`rank_tolerance`): torchjd's threshold, ``k·eps64`` on G, reads the
+  at the gradients' noise level, singular values below 1e-5 of the largest in full float32
+  (6e-4 under TF32 or autocast; :func:`gram_range`, :func:`rank_tolerance`): torchjd's
+  threshold, ``k·eps64`` on G, reads the
   round-off of G itself as rank once the gradients are long (D = 1e5: IMTL-G and Aligned-MTL
   give a direction ~0 for exactly dependent gradients);
 * CAGrad solves the paper's dual exactly; torchjd returns an all-zero update below an absolute
@@ -43,8 +44,9 @@ from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
 
 #: a direction of the unit gradients whose singular value is below this fraction of the largest
-#: is noise (see :func:`rank_tolerance`)
+#: is noise, for full-precision float32 gradients (see :func:`rank_tolerance`)
 RANK_RTOL = 1e-5
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 #: a task gradient with ``‖gᵢ‖² ≤ ZERO_RATIO · max ‖gⱼ‖²`` is zero (float64 round-off of G)
 ZERO_RATIO = float(torch.finfo(torch.float64).eps)
 
@@ -59,20 +61,36 @@ def preference_vector(pref: Sequence[float] | None, k: int) -> torch.Tensor | No
     return torch.tensor([float(p) for p in pref], dtype=torch.float64)
 
 
-def rank_tolerance(eigenvalues: torch.Tensor) -> float:
-    """The eigenvalue below which a direction of a unit-diagonal Gram matrix is noise:
-    ``RANK_RTOL² · λ_max``, i.e. a singular value of the unit gradients below 1e-5 of the largest.
+def reduced_precision(device: torch.device) -> bool:
+    """Whether the task gradients on ``device`` come from reduced-precision arithmetic: autocast
+    (16-mixed, bf16-mixed) is on, or on CUDA float32 matmuls or cuDNN convolutions may use TF32
+    (``utils/setup.py`` asks for TF32 matmuls; cuDNN allows TF32 convolutions by default)."""
+    if torch.is_autocast_enabled(device.type):
+        return True
+    if device.type != "cuda":
+        return False
+    return torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32
 
-    Why there: G is formed in float64, so its own round-off (~1e-16 relative) is far below; the
-    gradients are float32, and two backward passes that should give dependent gradients (a task
-    that is the sum of two others) agree to ~1e-7-1e-6 relative, which is where their round-off
-    puts the spurious singular values. A direction above 1e-5 is signal, which the papers'
-    algorithms (exact pseudo-inverses) invert: on the CAGrad toy's Pareto set the two gradients
-    are 1e-4 from anti-parallel and ConFIG's direction is still defined there (the official
-    code's float32 least squares keeps it). The earlier cut, Aligned-MTL's official ``k·eps₃₂``
-    on the eigenvalues of a float32 G (singular values below ~6e-4), dropped such directions and
-    returned a zero update off the Pareto set."""
+
+def rank_tolerance(eigenvalues: torch.Tensor) -> float:
+    """The eigenvalue below which a direction of a unit-diagonal Gram matrix is noise.
+
+    Full-precision float32 gradients: ``RANK_RTOL² · λ_max``, a singular value of the unit
+    gradients below 1e-5 of the largest. G is formed in float64, so its own round-off (~1e-16
+    relative) is far below; two float32 backward passes that should give dependent gradients (a
+    task that is the sum of two others) agree to ~1e-7-1e-6 relative, which is where their
+    round-off puts the spurious singular values. A direction above 1e-5 is signal, which the
+    papers' algorithms (exact pseudo-inverses) invert: on the CAGrad toy next to the Pareto set
+    the two gradients are 1e-4 from anti-parallel and ConFIG's direction is still defined there
+    (the official code's float32 least squares keeps it).
+
+    Reduced precision (:func:`reduced_precision`: TF32, autocast) leaves ~1e-4-1e-3 relative
+    noise in the gradients, which the fine cut would invert (g₃ = g₁ + g₂ with 3e-5 noise already
+    gives IMTL-G ``w = (1, 1, −1)``): there the cut is ``k · eps₃₂ · λ_max`` (singular values
+    below ~6e-4 at k = 3), the official Aligned-MTL threshold, correct up to 1e-3 noise."""
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
+    if reduced_precision(eigenvalues.device):
+        return max(top, 0.0) * len(eigenvalues) * FLOAT32_EPS
     return max(top, 0.0) * RANK_RTOL**2
 
 

@@ -1,5 +1,5 @@
 """IMTL-G and Aligned-MTL: the two rules that read the rank of G, decided on the unit gradients
-at float32 resolution (:func:`~lightning_mtl.weighting.aggregators.gram_range`)."""
+at the gradients' noise level (:func:`~lightning_mtl.weighting.aggregators.gram_range`)."""
 
 from __future__ import annotations
 

@@ -45,18 +45,23 @@ def gram64(rows: torch.Tensor) -> torch.Tensor:
     return cross64(list(rows), None)
 
 
-def cross64(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor] | None) -> torch.Tensor:
+def cross64(
+    left: Sequence[torch.Tensor],
+    right: Sequence[torch.Tensor] | None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """``A Bᵀ`` in float64 for the flat rows ``left`` (A) and ``right`` (B; None: A itself).
 
     Each block of ``_BLOCK`` columns is copied (and so converted) into one preallocated float64
-    buffer and multiplied there: the float64 copy stays at ``8·k·2¹⁶`` bytes, in cache, and no
-    block is allocated. On this project's 2-core CPU that takes 13 ms for 3 rows of 2.4 M
-    (resnet18's largest parameter), against 9 ms for float32 dot products and 30-64 ms for
-    converting the rows whole or in larger, freshly allocated blocks."""
+    buffer and multiplied there: the float64 copy stays at ``8·(rows of A and B)·2¹⁶`` bytes, in
+    cache, and no block is allocated. On this project's 2-core CPU that takes 13 ms for 3 rows of
+    2.4 M (resnet18's largest parameter), against 9 ms for float32 dot products and 30-64 ms for
+    converting the rows whole or in larger, freshly allocated blocks. ``device``: where an empty
+    product is made (no rows)."""
     n = int(left[0].numel()) if left else 0
-    device = left[0].device if left else torch.device("cpu")
-    total = torch.zeros(len(left), len(left if right is None else right), dtype=torch.float64)
-    total = total.to(device)
+    device = left[0].device if left else (device or torch.device("cpu"))
+    size_b = len(left if right is None else right)
+    total = torch.zeros(len(left), size_b, dtype=torch.float64, device=device)
     width = min(_BLOCK, n)
     a_buffer = torch.empty(len(left), width, dtype=torch.float64, device=device)
     b_buffer = None if right is None else a_buffer.new_empty(len(right), width)
@@ -120,7 +125,7 @@ class ParameterJacobian:
         same = rows == other
         for left, right in zip(self.pieces(rows), self.pieces(other), strict=True):
             if exact:
-                total += cross64(left, None if same else right)
+                total += cross64(left, None if same else right, device)
                 continue
             for i, x in enumerate(left):  # dot products: no stacked copy of the rows
                 for j in range(i if same else 0, len(right)):
