@@ -45,6 +45,7 @@ it; the rule's state is left untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -69,7 +70,11 @@ from lightning_mtl.weighting.shared_gramian import SharedGramian
 
 log = logging.getLogger(__name__)
 
-_blas: ThreadpoolController | None = None
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller per process: creating one scans the loaded libraries."""
+    return ThreadpoolController()
 
 
 def single_threaded_blas() -> contextlib.AbstractContextManager:
@@ -80,10 +85,7 @@ def single_threaded_blas() -> contextlib.AbstractContextManager:
     training step then needs: measured at 40 tasks, UPGrad's and DualProj's step took 1.04×
     ``equal``'s wall time but 1.38× its CPU time (the spinning thread), CAGrad's likewise.
     ``threadpoolctl`` sets and restores the limit (about 25 µs per step)."""
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 #: default of ``weighting.jacobian_budget_mb``: the params level forms the k×D Jacobian (one

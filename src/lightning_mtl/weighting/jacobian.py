@@ -16,8 +16,8 @@ the Gram-only engine above it).
 
 :func:`cross64` forms ``G = J Jᵀ`` in float64, in column blocks of at most 2¹⁶ numbers per row
 so that the float64 copy never exceeds ``8·k·2¹⁶`` bytes (the params level's Jacobian is
-converted block by block too, not parameter by parameter). Why float64: rules with a pseudo-inverse,
-a linear solve or an eigenvalue cut-off (IMTL-G, Aligned-MTL, ConFIG, Nash-MTL) read the
+converted block by block too, not parameter by parameter). Why float64: rules with a
+pseudo-inverse, a linear solve or an eigenvalue cut-off (IMTL-G, Aligned-MTL, ConFIG, Nash-MTL) read the
 round-off of a float32 G as rank when G is singular (dependent gradients, k > D); a float64 G
 carries float32 inputs exactly (every product of two float32 numbers is exact in float64) and
 sums them with 2⁻⁵³ relative error. Its cost is k²·D multiply-adds in float64: about twice the
@@ -40,11 +40,6 @@ _BLOCK = 1 << 16  # columns per float64 block: k·512 KiB, converted while in ca
 _warned_loop = False
 
 
-def gram64(rows: torch.Tensor) -> torch.Tensor:
-    """``rows @ rows.T`` formed in float64, one column block at a time."""
-    return cross64(list(rows), None)
-
-
 def cross64(
     left: Sequence[torch.Tensor],
     right: Sequence[torch.Tensor] | None,
@@ -64,19 +59,23 @@ def cross64(
     total = torch.zeros(len(left), size_b, dtype=torch.float64, device=device)
     width = min(_BLOCK, n)
     a_buffer = torch.empty(len(left), width, dtype=torch.float64, device=device)
-    b_buffer = None if right is None else a_buffer.new_empty(len(right), width)
+    b_buffer = a_buffer if right is None else a_buffer.new_empty(len(right), width)
     for start in range(0, n, _BLOCK):
         size = min(_BLOCK, n - start)
-        a = a_buffer[:, :size]
-        for i, x in enumerate(left):
-            a[i].copy_(x[start : start + size])
-        b = a
-        if right is not None and b_buffer is not None:
-            b = b_buffer[:, :size]
-            for j, y in enumerate(right):
-                b[j].copy_(y[start : start + size])
+        a = _fill(a_buffer, left, start, size)
+        b = a if right is None else _fill(b_buffer, right, start, size)
         total += a @ b.T
     return total
+
+
+def _fill(
+    buffer: torch.Tensor, rows: Sequence[torch.Tensor], start: int, size: int
+) -> torch.Tensor:
+    """Columns ``start:start+size`` of the flat ``rows``, copied (converted) into ``buffer``."""
+    view = buffer[:, :size]
+    for i, row in enumerate(rows):
+        view[i].copy_(row[start : start + size])
+    return view
 
 
 class ParameterJacobian:

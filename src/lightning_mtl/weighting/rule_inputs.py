@@ -22,7 +22,7 @@ from lightning_mtl.weighting.base import StepContext
 from lightning_mtl.weighting.jacobian import (
     ParameterJacobian,
     batch_halves,
-    gram64,
+    cross64,
     parameter_jacobian,
 )
 from lightning_mtl.weighting.meetings import LeafGrads
@@ -182,8 +182,8 @@ def place_gram(
         if not reach:
             continue
         index = torch.tensor([i for i, _ in reach], dtype=torch.long, device=device)
-        rows = torch.stack([g.reshape(-1) for _, g in reach])
-        gram[index[:, None], index[None, :]] += gram64(rows)
+        rows = [g.reshape(-1) for _, g in reach]  # cross64 copies them block by block
+        gram[index[:, None], index[None, :]] += cross64(rows, None)
     return gram
 
 
