@@ -8,10 +8,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Runs the tests start (in-process or as subprocesses) record into a store of their own, never
+# into the project's logs/results.sqlite; a test that checks the store names its own file.
+os.environ.setdefault(
+    "MTL_RESULTS_STORE",
+    os.path.join(tempfile.gettempdir(), f"lightning-mtl-tests-{os.getpid()}", "results.sqlite"),
+)
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +50,9 @@ FAST = [
     "extras.print_config=false",
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
+    # the end-of-run figures and the affinity monitor have tests of their own
+    "callbacks.run_plots=null",
+    "callbacks.task_affinity=null",
 ]
 
 

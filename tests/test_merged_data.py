@@ -529,3 +529,25 @@ def test_training_reads_carry_draws_the_same_in_workers_and_after_a_resume() -> 
         4:
     ]
     assert next(iter(dm.val_dataloader()[0]))["targets"]["count"].flatten().tolist() == [-1.0] * 4
+
+
+def test_a_single_task_baseline_on_merged_data_reads_only_the_sources_of_its_task(
+    tmp_path: Path,
+) -> None:
+    from lightning_mtl.data.inputs import share_task_targets
+
+    cfg = config(tmp_path, "task=[depth]")
+    data, model = hydra.utils.instantiate(cfg.data), hydra.utils.instantiate(cfg.model)
+    assert data.names == ["scenes", "objects"]
+    assert share_task_targets(data, model) == ["depth"]
+    assert data.names == ["scenes"]  # the objects source labels no depth: left out
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert bool(batch["mask"]["depth"].all())  # every sample of every batch labels depth
+
+    both = config(tmp_path, "task=[depth,count]")
+    data = hydra.utils.instantiate(both.data)
+    share_task_targets(data, hydra.utils.instantiate(both.model))
+    assert data.names == ["scenes", "objects"]  # a multi-task run keeps both
+    with pytest.raises(ConfigError, match="labels any of the tasks' targets"):
+        data.use_targets(["nothing"])

@@ -20,7 +20,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
-from lightning_mtl.data.inputs import share_backbone_inputs
+from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.utils.setup import (
     apply_extras,
@@ -67,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, **saved_model(ckpt_path))
     share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
+    share_task_targets(datamodule, model)  # merged data: the sources that label the tasks
     loggers = instantiate_mapping(cfg.get("logger"), "logger")
     plugins = with_safe_checkpoint_io(hydra.utils.instantiate(cfg.trainer.get("plugins")))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, plugins=plugins)

@@ -15,8 +15,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from lightning_mtl.checkpointing import resolve_ckpt_path, with_safe_checkpoint_io
-from lightning_mtl.data.inputs import share_backbone_inputs
+from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.preflight import check_config, run_preflight
+from lightning_mtl.results.record import record_run
 from lightning_mtl.utils.setup import (
     apply_extras,
     config_error_in,
@@ -54,6 +55,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     # The backbone's normalisation and input size reach the data transforms (no data read yet).
     share_backbone_inputs(datamodule, model)
+    # Merged data reads only the sources that label the run's tasks (single-task baselines).
+    share_task_targets(datamodule, model)
     # Pre-flight, part 2: labels, class counts, files and the heads on one real batch; every
     # problem is reported at once, before the trainer exists.
     run_preflight(cfg, datamodule, model)
@@ -83,6 +86,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(trainer.callback_metrics)
 
     scalars = {key: float(value) for key, value in metrics.items()}
+    # The run's identity and final metrics in the results store, for `mtl-report`.
+    record_run(cfg, scalars, trainer)
     return scalars, {"datamodule": datamodule, "model": model, "trainer": trainer}
 
 

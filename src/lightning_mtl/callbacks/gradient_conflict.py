@@ -23,9 +23,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+# the heatmap lives with the run's other figures; imported here too, where it was first
+from lightning_mtl.diagnostics.plots import conflict_figure
 from lightning_mtl.weighting import task_gradients
 
 log = logging.getLogger(__name__)
+
+__all__ = ["GradientConflictMonitor", "conflict_figure"]
 
 
 class GradientConflictMonitor(L.Callback):
@@ -115,27 +119,3 @@ class GradientConflictMonitor(L.Callback):
         figure = conflict_figure(names, cosine.float().numpy(), step)
         for logger in loggers:
             logger.log_image(key="train/grad_conflict", images=[figure], step=trainer.global_step)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-
-
-def conflict_figure(names: list[str], cosine: Any, step: int) -> Any:
-    """A matplotlib heatmap of a task-gradient cosine matrix, annotated with its values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = 1.0 + 0.7 * len(names)
-    figure, axes = plt.subplots(figsize=(size + 1.0, size))
-    image = axes.imshow(cosine, cmap="RdBu", vmin=-1, vmax=1)
-    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axes.set_yticks(range(len(names)), names)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            axes.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    axes.set_title(f"task-gradient cosine, step {step}")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    figure.tight_layout()
-    return figure

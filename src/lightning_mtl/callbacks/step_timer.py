@@ -53,6 +53,8 @@ class StepTimer(L.Callback):
         #: this epoch's measured step times (seconds) and batch sizes
         self.times: list[float] = []
         self.sizes: list[int] = []
+        #: the values logged last (the results store records them at the end of the run)
+        self.logged: dict[str, float] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen = 0
@@ -99,6 +101,7 @@ class StepTimer(L.Callback):
             step_s = float(trainer.strategy.reduce(slowest, reduce_op="max"))
         # straight to the loggers (rank 0's; the values are the same on every rank now)
         values = {"perf/step_ms": step_s * 1e3, "perf/samples_per_s": samples / step_s}
+        self.logged = values
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 

@@ -269,6 +269,20 @@ def share_backbone_inputs(datamodule: Any, model: Any) -> InputConfig | None:
     return config
 
 
+def share_task_targets(datamodule: Any, model: Any) -> list[str] | None:
+    """Tell ``datamodule`` which label keys the model's tasks read (``use_targets``, duck-typed
+    like ``use_backbone_inputs``): merged data then leaves out the sources that label none of
+    them, so a single-task baseline on merged data trains on its own task's samples only.
+    Returns the keys given (None when either side does not take part)."""
+    use = getattr(datamodule, "use_targets", None)
+    tasks = getattr(model, "tasks", None)
+    if use is None or tasks is None:
+        return None
+    targets = list(dict.fromkeys(task.target for task in tasks))
+    use(targets)
+    return targets
+
+
 def _numbers(value: Any) -> tuple[float, ...] | None:
     if isinstance(value, bool):
         return None

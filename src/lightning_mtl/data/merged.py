@@ -352,6 +352,36 @@ class MergedDataModule(L.LightningDataModule):
         self.inputs = config
         self.splits.clear()
 
+    def use_targets(self, targets: Sequence[str]) -> None:
+        """Keep only the sources that label at least one of ``targets`` (the label keys the
+        run's tasks read; :func:`~lightning_mtl.data.inputs.share_task_targets`). A source that
+        labels none of them would only add batches without a label of the run: a single-task
+        baseline on merged data trains on its task's labelled samples, as the multi-task run
+        trains that task. Call before training (the splits are rebuilt)."""
+        wanted = set(targets)
+        dataset = self._split("train")
+        labels = {
+            name: self._targets_of(d, name)
+            for name, d in zip(self.names, dataset.datasets, strict=True)
+        }
+        unused = [name for name, keys in labels.items() if not wanted & set(keys)]
+        if not unused:
+            return
+        if len(unused) == len(labels):
+            raise ConfigError(
+                f"no source of data.sources labels any of the tasks' targets {sorted(wanted)}; "
+                f"the sources label: {labels}"
+            )
+        for name in unused:
+            log.info(
+                "data.sources.%s labels none of the tasks' targets %s (it labels %s): left out",
+                name,
+                sorted(wanted),
+                labels[name],
+            )
+            del self.factories[name], self.renames[name]
+        self.splits.clear()
+
     def _source_kwargs(self, name: str) -> dict[str, Any]:
         """What a source factory is called with besides ``split``: the backbone's input config
         and ``data.normalization``, each only when set and when the factory takes it."""

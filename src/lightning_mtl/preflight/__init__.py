@@ -135,7 +135,7 @@ def _batch_problems(datamodule: Any, model: Any, ranges: bool) -> list[Problem]:
 
 def _build_and_check(cfg: DictConfig) -> list[Problem]:
     """The problems of building the data and the model from a config already found wrong."""
-    from lightning_mtl.data.inputs import share_backbone_inputs
+    from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 
     built = {}
     problems: list[Problem] = []
@@ -148,6 +148,7 @@ def _build_and_check(cfg: DictConfig) -> list[Problem]:
         return problems
     try:
         share_backbone_inputs(built["data"], built["model"])
+        share_task_targets(built["data"], built["model"])
         found, _ = _data_problems(PreflightOptions.from_config(cfg), built["data"], built["model"])
     except Exception as error:
         return [*problems, problem_from_error("data", root_error(error), "data that can be read")]
