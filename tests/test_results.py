@@ -233,7 +233,15 @@ def test_trainings_to_table_and_one_more_run_updates_it(
     from lightning_mtl.train import train
 
     store = tmp_path / "results.sqlite"
-    common = ["trainer.max_epochs=1", f"results.store={store}", "callbacks.gradient_conflict=null"]
+    common = [
+        f"results.store={store}",
+        "callbacks.gradient_conflict=null",
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+        "callbacks.model_report=null",
+        "preflight.mode=skip",
+        "trainer.limit_val_batches=1",
+    ]
 
     def run(name: str, *overrides: str) -> None:
         cfg = make_cfg(*common, *overrides, out=tmp_path / name)
@@ -301,3 +309,75 @@ def test_records_put_in_a_wandb_summary_are_read_back(
 
     (read,) = records_from_wandb("me/lightning-mtl", api=Api())
     assert read == record
+
+
+def test_baselines_take_one_recipe_repeats_count_once_and_ranks_share_ties(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    from lightning_mtl.results.record import unrecordable
+
+    count = {"test/count/mae": 0.5, "perf/step_ms": 60}
+    colors = {"test/colors/map": 0.8, "perf/step_ms": 70}
+    records = [
+        _record(make_cfg, _values(0.5, 0.8), *TASKS, "seed=1", run="eq"),
+        _record(make_cfg, _values(0.5, 0.8), *TASKS, "seed=1", run="eq_again"),  # same config
+        _record(make_cfg, _values(0.4, 0.8), *TASKS, "seed=1", "weighting=famo", run="famo"),
+        _record(make_cfg, count, "task=[count]", run="c_plain"),
+        # a single-task run with uncertainty weighting (rescales its loss): not mixed in
+        _record(
+            make_cfg, {"test/count/mae": 9.0}, "task=[count]", "weighting=uncertainty", run="c_uw"
+        ),
+        _record(make_cfg, colors, "task=[colors]", run="k"),
+    ]
+    (comparison,) = build_report(records)
+    assert comparison.baseline is not None
+    assert sorted(r.run_dir for r in comparison.baseline.runs) == ["/runs/c_plain", "/runs/k"]
+    assert comparison.baseline.metrics["test/count/mae"].mean == 0.5
+    rows = {r.label: r for r in comparison.rows}
+    assert [r.run_dir for r in rows["equal"].runs] == ["/runs/eq_again"]  # the later one
+    notes = " ".join(comparison.notes)
+    assert "other recipes left out (they differ in weighting" in notes
+    assert "repeat the config and seed of a later run" in notes and "/runs/eq" in notes
+    # colors/map ties (0.8 both): rank 1.5 each; count/mae: famo 1, equal 2
+    assert rows["famo"].rank == pytest.approx((1 + 1.5) / 2)
+    assert rows["equal"].rank == pytest.approx((2 + 1.5) / 2)
+    assert rows["equal"].deltas == [pytest.approx(0.0)] and comparison.baseline.seeds == [42]
+
+    # an evaluation of a checkpoint is not a training; a run without final metrics neither
+    assert "not a training" in unrecordable({"train": False}, {"test/a/mae": 1.0})
+    assert "no final" in unrecordable({"train": True}, {"perf/step_ms": 1.0})
+    assert unrecordable({"train": True}, {"val/a/mae": 1.0}) is None
+
+
+def test_baselines_without_metrics_and_recipes_beyond_the_shown_keys_are_reported(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    runs = [
+        _record(make_cfg, _values(0.5, 0.8), *TASKS, "seed=1", run="a"),
+        _record(make_cfg, {"test/count/mae": math.nan}, "task=[count]", run="c"),
+        _record(make_cfg, {"test/colors/map": 0.8}, "task=[colors]", run="k"),
+    ]
+    (comparison,) = build_report(runs)
+    assert comparison.rows[0].deltas == [None]
+    assert "single-task runs of 'count' have no finite test/ metric" in " ".join(comparison.notes)
+
+    # famo variants in 4 varying keys; the label shows 3 (sorted): the first two variants
+    # differ only in the 4th, weighting.weight_decay, and are told apart by their recipe hash
+    variants = [
+        _record(
+            make_cfg,
+            _values(0.5, 0.8),
+            *TASKS,
+            "weighting=famo",
+            f"tasks.count.weight={w}",
+            f"weighting.lr={lr}",
+            f"weighting.min_losses={m}",
+            f"weighting.weight_decay={wd}",
+            run=f"v{i}",
+        )
+        for i, (w, lr, m, wd) in enumerate([(1, 0.1, 0, 0.1), (1, 0.1, 0, 0.2), (2, 0.2, -1, 0.1)])
+    ]
+    (comparison,) = build_report(variants)
+    labels = [r.label for r in comparison.rows]
+    assert len(labels) == len(set(labels)) == 3
+    assert sum("; recipe " in label for label in labels) == 1, labels

@@ -396,3 +396,31 @@ def test_the_monitor_logs_through_training_and_does_not_perturb_it(
     assert trained.keys() == reference.keys()
     for key, value in trained.items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_each_shared_parameter_steps_at_its_optimizer_groups_learning_rate() -> None:
+    """Under layer decay the backbone stages train at different rates: the look-ahead uses each
+    parameter's own, and a step with any zero rate (warm-up) is not measured."""
+    from types import SimpleNamespace
+
+    first, second = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([{"params": [first], "lr": 0.1}, {"params": [second], "lr": 0.4}])
+    rates = TaskAffinityMonitor()._step_size(SimpleNamespace(optimizers=[optimizer], global_step=3))
+    assert rates == {id(first): 0.1, id(second): 0.4}
+    optimizer.param_groups[1]["lr"] = 0.0
+    assert (
+        TaskAffinityMonitor()._step_size(SimpleNamespace(optimizers=[optimizer], global_step=0))
+        is None
+    )
+    assert TaskAffinityMonitor(lr=0.3)._step_size(SimpleNamespace(optimizers=[optimizer])) == 0.3
+
+    # L_a = |θ₁|² + |θ₂|²: the step on a with rates (0.1, 0.4) gives (0.8² + 0.2²)·2 / 4
+    def losses_at(values: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        a, b = values if values is not None else (first, second)
+        return {"a": (a**2).sum() + (b**2).sum()}
+
+    gradients = [[2 * first.detach(), 2 * second.detach()]]
+    z = lookahead_affinity(losses_at, ["a"], [first, second], gradients, [0.1, 0.4])
+    assert float(z[0, 0]) == pytest.approx(1 - (0.8**2 + 0.2**2) * 2 / 4)
+    with pytest.raises(ValueError, match="one finite number > 0 per shared parameter"):
+        lookahead_affinity(losses_at, ["a"], [first, second], gradients, [0.1])

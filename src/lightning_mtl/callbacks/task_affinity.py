@@ -40,8 +40,9 @@ class TaskAffinityMonitor(L.Callback):
     """Measure the look-ahead affinity between every pair of tasks every ``every_n_steps``
     optimizer steps (0: never), log it, and keep its running mean for the run's report.
 
-    ``lr``: the look-ahead step size; None takes the optimizer's current learning rate (its
-    first parameter group), as the paper uses the training learning rate. With Adam(W) the
+    ``lr``: the look-ahead step size; None takes each shared parameter's current learning rate
+    from the optimizer (its group's: backbone stages differ under ``backbone_lr_scale`` and
+    ``layer_decay``), as the paper uses the training learning rate. With Adam(W) the
     look-ahead is still a plain gradient step of that size, not an Adam step, so the values are
     not the change the real step makes: read the table for its signs and relative sizes. A
     step whose learning rate is 0 (the first step of a warm-up) is not measured.
@@ -54,7 +55,7 @@ class TaskAffinityMonitor(L.Callback):
     copies of the buffers (batch-norm running statistics do not move) and with the RNG forked
     at the same state for every pass (dropout draws the same masks; training's RNG stream is
     untouched). Training itself is not perturbed: the same run gives the same weights, bit for
-    bit, with and without the monitor. Under DDP each rank measures on its own batch and the
+    bit (with deterministic kernels, as on CPU), with and without the monitor. Under DDP each rank measures on its own batch and the
     k×k matrices are averaged over the ranks entry by entry, each over the ranks where it was
     measured (a sum of values and of counts in one all-reduce; NaN where no rank measured it).
     Every rank runs all k + 1 forward passes, whatever tasks its batch labels, so that
@@ -202,31 +203,37 @@ class TaskAffinityMonitor(L.Callback):
             return False
         return batch_idx % trainer.accumulate_grad_batches == 0  # first micro-batch only
 
-    def _step_size(self, trainer: L.Trainer) -> float | None:
+    def _step_size(self, trainer: L.Trainer) -> float | dict[int, float] | None:
+        """``lr``, or each parameter's learning rate now (by ``id``): its optimizer group's, so
+        that backbone stages under ``backbone_lr_scale``/``layer_decay`` step as in training."""
         if self.lr is not None:
             return self.lr
         optimizers = trainer.optimizers
         if not optimizers:
             self._say("optimizer", "task affinity: no optimizer to take the learning rate from")
             return None
-        lr = float(optimizers[0].param_groups[0]["lr"])
-        if not (math.isfinite(lr) and lr > 0):
+        rates = {
+            id(p): float(group["lr"])
+            for optimizer in optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        if not all(math.isfinite(r) and r > 0 for r in rates.values()):
             self._say(
                 "lr",
-                "task affinity: the learning rate is %s at step %d (warm-up?): steps with a zero "
+                "task affinity: a learning rate is 0 at step %d (warm-up?): steps with a zero "
                 "learning rate are not measured",
-                lr,
                 trainer.global_step,
             )
             return None
-        return lr
+        return rates
 
     def measure(
         self,
         pl_module: L.LightningModule,
         record: Any,
         batch: Mapping[str, Any],
-        lr: float,
+        lr: float | Mapping[int, float],
         world_size: int = 1,
     ) -> tuple[list[str], torch.Tensor] | None:
         """This rank's k×k affinity matrix (float64, CPU; every task of the module, in order;
@@ -277,7 +284,14 @@ class TaskAffinityMonitor(L.Callback):
                 losses, _ = pl_module.task_losses(outputs, batch)
             return {n: v for n, v in losses.items() if n in record.losses}
 
-        matrix = lookahead_affinity(losses_at, names, shared, gradients, lr)
+        if isinstance(lr, Mapping):  # each shared parameter at its optimizer group's rate
+            if any(id(p) not in lr for p in shared):
+                self._say("optimizer", "task affinity: shared parameters outside the optimizer")
+                return None
+            rates: float | list[float] = [lr[id(p)] for p in shared]
+        else:
+            rates = lr
+        matrix = lookahead_affinity(losses_at, names, shared, gradients, rates)
         for i, name in enumerate(names):
             if name not in record.losses:
                 matrix[i] = math.nan

@@ -103,7 +103,7 @@ class Table:
             arrow = {True: " ↑", False: " ↓", None: ""}[higher_is_better(metric)]
             header.append(metric.removeprefix("test/") + arrow)
         header += ["params (M)", "trainable (M)", "MFLOPs/image", "ms/step", ratio]
-        lines = [_row(header), _row([":---"] + ["---:"] * (len(header) - 1))]
+        lines = [markdown_row(header), markdown_row([":---"] + ["---:"] * (len(header) - 1))]
         for record in self.records:
             cells = [record["run"]]
             for metric in self.metrics:
@@ -117,9 +117,9 @@ class Table:
                 _number(record["step_ms"], "{:.1f}"),
                 _number(record[STEP_RATIO], "{:.2f}"),
             ]
-            lines.append(_row(cells))
+            lines.append(markdown_row(cells))
         best_row = ["best"] + [", ".join(self.best.get(m, [])) or "—" for m in self.metrics]
-        lines.append(_row(best_row + [""] * 5))
+        lines.append(markdown_row(best_row + [""] * 5))
         text = "\n".join(lines) + "\n\n"
         text += (
             "Test metrics (↑ higher is better, ↓ lower is better; bold: the best of the column). "
@@ -255,7 +255,8 @@ def _csv_value(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
-def _row(cells: Sequence[str]) -> str:
+def markdown_row(cells: Sequence[str]) -> str:
+    """One row of a Markdown table (`|` in a cell escaped)."""
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 

@@ -38,7 +38,7 @@ def lookahead_affinity(
     names: Sequence[str],
     shared: Sequence[torch.Tensor],
     gradients: Sequence[Sequence[torch.Tensor] | None],
-    lr: float,
+    lr: float | Sequence[float],
 ) -> torch.Tensor:
     """The k×k look-ahead affinity ``Z[i, j] = 1 − L_j(θ_s − η g_i) / L_j(θ_s)`` (float64, CPU).
 
@@ -52,7 +52,9 @@ def lookahead_affinity(
         shared: the shared parameters θ_s.
         gradients: per task, its gradient ``g_i`` with respect to each of ``shared`` (same
             shapes), or None for a task absent from the step.
-        lr: the look-ahead step size η (> 0).
+        lr: the look-ahead step size η (> 0): one for every shared parameter, or one each
+            (the learning rate of the parameter's optimizer group, which differs between
+            backbone stages under ``backbone_lr_scale`` or ``layer_decay``).
 
     Rows are the task stepped on (i), columns the task whose loss changes (j). An entry is NaN,
     never inf and never an error, where it has no meaning: row i when task i has no gradient
@@ -65,8 +67,9 @@ def lookahead_affinity(
     Cost: k + 1 calls of ``losses_at`` (the base losses once, then one look-ahead per task
     with a gradient), plus one copy of the shared parameters at a time.
     """
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    rates = [float(lr)] * len(shared) if isinstance(lr, int | float) else [float(r) for r in lr]
+    if len(rates) != len(shared) or not all(r > 0 and math.isfinite(r) for r in rates):
+        raise ValueError(f"lr must be one finite number > 0 per shared parameter, got {lr}")
     if len(gradients) != len(names):
         raise ValueError(f"{len(gradients)} gradients for {len(names)} tasks")
     k = len(names)
@@ -82,7 +85,8 @@ def lookahead_affinity(
             )
         with torch.no_grad():
             stepped = [
-                p.detach() - lr * g.to(p.dtype) for p, g in zip(shared, gradient, strict=True)
+                p.detach() - rate * g.to(p.dtype)
+                for p, g, rate in zip(shared, gradient, rates, strict=True)
             ]
         after = _loss_values(losses_at(stepped), names)
         for j in range(k):

@@ -11,8 +11,9 @@ seeds with Δm against single-task baselines.
 
 from lightning_mtl.results.delta_m import DeltaM, delta_m
 from lightning_mtl.results.identity import RunRecord, record_from_config
+from lightning_mtl.results.output import markdown, write_csv
 from lightning_mtl.results.record import read_run_folder, record_run
-from lightning_mtl.results.report import Comparison, build_report, markdown, write_csv
+from lightning_mtl.results.report import Comparison, build_report
 from lightning_mtl.results.store import ResultsStore
 
 __all__ = [

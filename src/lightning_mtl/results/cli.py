@@ -18,8 +18,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_mtl.results.record import STORE_ENV, read_run_folder, records_from_wandb, run_folders
-from lightning_mtl.results.report import build_report, markdown, write_csv
+from omegaconf import OmegaConf
+
+from lightning_mtl.results.output import markdown, write_csv
+from lightning_mtl.results.record import (
+    STORE_ENV,
+    read_run_folder,
+    records_from_wandb,
+    run_folders,
+    unrecordable,
+)
+from lightning_mtl.results.report import build_report
 from lightning_mtl.results.store import ResultsStore
 
 COMMANDS = ("table", "add", "plot")
@@ -89,11 +98,24 @@ def _add(paths: list[Path], store_path: Path) -> int:
         print(f"error: no run folder (.hydra/ and csv/metrics.csv) under {paths}", file=sys.stderr)
         return 2
     store = ResultsStore(store_path)
+    known = {r.run_dir: r.git_commit for r in store.records()} if store_path.is_file() else {}
+    added = 0
     for folder in folders:
-        store.add(read_run_folder(folder))
+        try:
+            record = read_run_folder(folder)
+            why = unrecordable(OmegaConf.load(folder / ".hydra" / "config.yaml"), record.values)
+        except (OSError, ValueError) as error:
+            print(f"skipped {folder}: {error}")
+            continue
+        if why:
+            print(f"skipped {folder}: {why}")
+            continue
+        record.git_commit = known.get(record.run_dir, record.git_commit)  # recorded at its end
+        store.add(record)
+        added += 1
         print(f"added {folder}")
-    print(f"{len(folders)} runs in {store_path}")
-    return 0
+    print(f"{added} runs added to {store_path}")
+    return 0 if added else 1
 
 
 def _table(args: argparse.Namespace) -> int:

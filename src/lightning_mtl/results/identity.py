@@ -7,12 +7,14 @@ the *unresolved* composed config (as Hydra saves it in ``.hydra/config.yaml``: `
 * ``config_hash``: the whole recipe (what trains and how). Left out: where files go and what is
   only watched or printed (``paths``, ``hydra``, ``logger``, ``callbacks``, ``extras``,
   ``preflight``, ``run_name``, ``tags``, ``ckpt_path``, ``train``/``test``,
-  ``optimized_metric``, the data loaders' worker settings, the trainer's logging cadence);
+  ``optimized_metric``, the data loaders' worker settings, the trainer's logging cadence),
+  except what of those changes the results: ``paths.data_dir``, the metric the best checkpoint
+  is chosen by (the test reads that checkpoint) and an early stop (:data:`KEPT_PATHS`);
 * ``recipe_hash``: the same without ``seed``: the runs of one method that differ only by seed;
 * ``setup_hash``: what a single-task baseline must share with a multi-task run to be its
   baseline: the data (its scenes and splits, not the sampling order), the backbone, the
-  optimizer and schedule, the budget (epochs, steps, batches, accumulation, devices, precision)
-  and the layer-wise training plan. Not the tasks, the architecture or the weighting;
+  optimizer and schedule, the budget (epochs, steps, batches, accumulation, devices, precision),
+  what is validated and tested, and the layer-wise training plan. Not the tasks, the architecture or the weighting;
 * ``task_specs``: each task's own definition (target, head, loss, metrics; not its ``weight``):
   a baseline of ``depth`` must be the same ``depth`` task.
 """
@@ -29,6 +31,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_mtl.compare.runs import architecture_name
+
 #: top-level keys that say where outputs go or what is watched, not what trains
 IGNORED_KEYS = (
     "paths",
@@ -44,6 +48,14 @@ IGNORED_KEYS = (
     "train",
     "test",
     "optimized_metric",
+)
+#: what the ignored keys hold that does change the results: where the data is read from, which
+#: checkpoint the test reads (the monitored metric) and an early stop
+KEPT_PATHS = (
+    "paths.data_dir",
+    "callbacks.model_checkpoint.monitor",
+    "callbacks.model_checkpoint.mode",
+    "callbacks.early_stopping",
 )
 #: settings of how data is loaded (not which data) and of how often the trainer logs
 IGNORED_PATHS = (
@@ -69,13 +81,18 @@ SETUP_PATHS = (
     "trainer.max_epochs",
     "trainer.min_epochs",
     "trainer.max_steps",
+    "trainer.max_time",
     "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.check_val_every_n_epoch",
     "trainer.accumulate_grad_batches",
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.precision",
     "trainer.gradient_clip_val",
     "finetune",
+    *KEPT_PATHS,
 )
 #: the budget, as shown when two setups differ in it
 BUDGET_PATHS = (
@@ -137,8 +154,12 @@ def record_from_config(
     """The :class:`RunRecord` of a run with the composed config ``cfg`` (unresolved, as Hydra
     saves it) and final ``values``."""
     container = _container(cfg)
-    recipe = flatten({k: v for k, v in container.items() if k not in IGNORED_KEYS})
-    recipe = {k: v for k, v in recipe.items() if not _under(k, IGNORED_PATHS)}
+    recipe = {
+        k: v
+        for k, v in flatten(container).items()
+        if (k.split(".")[0] not in IGNORED_KEYS or _under(k, KEPT_PATHS))
+        and not _under(k, IGNORED_PATHS)
+    }
     without_seed = {k: v for k, v in recipe.items() if k != "seed"}
     setup = {k: v for k, v in without_seed.items() if _under(k, SETUP_PATHS)}
     tasks_block = container.get("tasks") or {}
@@ -155,7 +176,7 @@ def record_from_config(
         run_dir=str(run_dir),
         experiment=str(container.get("run_name") or ""),
         tasks=list(task_specs),
-        architecture=architecture_name(model.get("architecture", "hard")),
+        architecture=architecture_name(model.get("architecture")) or "hard",
         weighting=str(weighting.get("name", "")),
         level=str(weighting.get("level") or LOSS_LEVEL),
         seed=int(seed) if isinstance(seed, int) else None,
@@ -168,13 +189,6 @@ def record_from_config(
         recipe=without_seed,
         values={k: float(v) for k, v in values.items()},
     )
-
-
-def architecture_name(value: Any) -> str:
-    """``model.architecture``: a name, or the ``name`` of a mapping."""
-    if isinstance(value, Mapping):
-        return str(value.get("name", "hard"))
-    return str(value or "hard")
 
 
 def fingerprint(value: Any) -> str:

@@ -42,16 +42,32 @@ def kept(values: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def unrecordable(cfg: DictConfig | Mapping[str, Any], values: Mapping[str, float]) -> str | None:
+    """Why a run does not belong in the store (None: it does). One rule for the end of a
+    training and for ``mtl-report add``: a training (``train: true``; not an evaluation of a
+    checkpoint, ``train=false``) that has final metrics (test, or val with ``test=false``)."""
+    if cfg.get("train") is not True:
+        return "not a training (train is not true: an evaluation of a checkpoint)"
+    if not any(name.startswith(KEPT_PREFIXES) for name in values):
+        return "no final test or val metrics (unfinished or failed)"
+    return None
+
+
 def record_run(cfg: DictConfig, metrics: Mapping[str, float], trainer: Any) -> RunRecord | None:
-    """Add the finished run to the store named by ``results.store`` (global rank 0 only; nothing
-    when it is null), and, under a W&B logger, put the same record in the W&B run's summary
-    (``results/record``) so that ``mtl-report --wandb`` finds it there."""
+    """Add the finished run to the store named by ``results.store`` (global rank 0 only), and,
+    under a W&B logger, put the same record in the W&B run's summary (``results/record``) so
+    that ``mtl-report --wandb`` finds it there. ``results.store=null`` records nothing, in
+    either place; neither does a run that :func:`unrecordable` refuses."""
     store = OmegaConf.select(cfg, "results.store", default=None)
     if not store or not trainer.is_global_zero:
         return None
     values = kept(metrics)
     for callback in trainer.callbacks:  # the step timer logs straight to the loggers
         values.update(kept(getattr(callback, "logged", {}) or {}))
+    why = unrecordable(cfg, values)
+    if why:
+        log.info("Not recorded in the results store: %s", why)
+        return None
     root = OmegaConf.select(cfg, "paths.root_dir", default=".")
     run_dir = OmegaConf.select(cfg, "paths.output_dir", default=os.getcwd())
     record = record_from_config(cfg, Path(run_dir).resolve(), values, git_commit(root))
@@ -91,8 +107,6 @@ def read_run_folder(run_dir: Path) -> RunRecord:
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir}: no {path.relative_to(run_dir)} ({what})")
     values = kept(read_metrics(metrics))
-    if not any(k.startswith("test/") for k in values):
-        log.warning("%s has no test metrics (unfinished, or test=false)", run_dir)
     return record_from_config(OmegaConf.load(config), run_dir.resolve(), values, "unknown")
 
 

@@ -16,12 +16,10 @@ command that makes them. Other notes: methods with different seed sets, runs of 
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lightning_mtl.compare.table import higher_is_better
@@ -69,7 +67,8 @@ class MethodRow:
 
     @property
     def seeds(self) -> list[int | None]:
-        return sorted((r.seed for r in self.runs), key=lambda s: (s is None, s or 0))
+        """The runs' seeds, each once (a baseline row holds one run per task and seed)."""
+        return sorted({r.seed for r in self.runs}, key=lambda s: (s is None, s or 0))
 
 
 @dataclass
@@ -103,13 +102,23 @@ def build_report(
 
     ``experiment``: only the multi-task runs of this ``run_name`` (baselines of any name).
     """
+    latest = {r.config_hash: r for r in records}  # oldest first: the last one of a hash wins
+    repeated = [r.run_dir for r in records if latest[r.config_hash] is not r]
+    records = [r for r in records if latest[r.config_hash] is r]
     singles = [r for r in records if r.is_single_task]
     multis = [r for r in records if not r.is_single_task and experiment in (None, r.experiment)]
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[RunRecord]] = {}
     for record in multis:
         key = (record.setup_hash, tuple(sorted(record.task_specs.items())))
         groups.setdefault(key, []).append(record)
-    return [_comparison(runs, singles, split) for runs in groups.values()]
+    comparisons = [_comparison(runs, singles, split) for runs in groups.values()]
+    if repeated:  # the same recipe and seed trained twice: one result per seed, not two
+        for comparison in comparisons:
+            comparison.notes.append(
+                f"{len(repeated)} run(s) repeat the config and seed of a later run and are left "
+                f"out: {', '.join(repeated[:3])}{' ...' if len(repeated) > 3 else ''}"
+            )
+    return comparisons
 
 
 def _comparison(runs: list[RunRecord], singles: list[RunRecord], split: str) -> Comparison:
@@ -122,7 +131,7 @@ def _comparison(runs: list[RunRecord], singles: list[RunRecord], split: str) -> 
         rows=[MethodRow(label, members) for label, members in _methods(runs).items()],
         columns=_metric_columns(runs, split),
     )
-    baseline_runs = _baselines(first, singles, comparison.notes)
+    baseline_runs = _baselines(runs, singles, comparison.notes)
     if baseline_runs:
         comparison.baseline = MethodRow(SINGLE_TASK, baseline_runs)
         comparison.baseline.metrics = {
@@ -138,6 +147,11 @@ def _comparison(runs: list[RunRecord], singles: list[RunRecord], split: str) -> 
         if s is not None
     }
     stl = _by_task(reference)
+    for task in first.tasks:
+        if comparison.baseline and any(task in r.tasks for r in baseline_runs) and task not in stl:
+            comparison.notes.append(
+                f"the single-task runs of {task!r} have no finite {split}/ metric: no Δm"
+            )
     skipped: set[str] = set()
     for row in comparison.rows:
         row.metrics = {
@@ -191,7 +205,10 @@ def _methods(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
         )
         for part in recipes.values():
             shown = ", ".join(f"{k}={part[0].recipe.get(k, '(unset)')}" for k in varying[:3])
-            methods[f"{label} ({shown})"] = part
+            name = f"{label} ({shown})"
+            if name in methods:  # they differ beyond the keys shown: tell them apart by hash
+                name = f"{label} ({shown}; recipe {part[0].recipe_hash})"
+            methods[name] = part
     return methods
 
 
@@ -207,9 +224,13 @@ def _differing_keys(run: RunRecord, others: list[RunRecord]) -> set[str]:
 
 
 # ------------------------------------------------------------------------------ the baselines
-def _baselines(first: RunRecord, singles: list[RunRecord], notes: list[str]) -> list[RunRecord]:
-    """The single-task runs of ``first``'s setup and task definitions; a note for each task
-    without one (saying how the single-task runs that exist differ)."""
+def _baselines(
+    runs: list[RunRecord], singles: list[RunRecord], notes: list[str]
+) -> list[RunRecord]:
+    """The single-task runs of the comparison's setup and task definitions, one recipe per task;
+    a note for each task without one (saying how the single-task runs that exist differ)."""
+    first = runs[0]
+    seeds = ",".join(str(s) for s in sorted({r.seed for r in runs if r.seed is not None}))
     found: list[RunRecord] = []
     for task in first.tasks:
         spec = first.task_specs[task]
@@ -218,13 +239,13 @@ def _baselines(first: RunRecord, singles: list[RunRecord], notes: list[str]) -> 
             s for s in same_task if s.setup_hash == first.setup_hash and s.task_specs[task] == spec
         ]
         if matching:
-            found += matching
+            found += _one_recipe(task, matching, notes)
             continue
         if not same_task:
             notes.append(
-                f"no single-task baseline of {task!r}: train it with the same data, backbone and "
-                f"budget, e.g. `mtl-train -m experiment=single_task task={task} seed=1,2` plus "
-                "the comparison's own overrides"
+                f"no single-task baseline of {task!r}: train the comparison's own command with "
+                f"`task={task}` (one task per job), e.g. for the default experiment "
+                f"`mtl-train -m experiment=single_task task={task} seed={seeds or '1,2'}`"
             )
             continue
         other = same_task[-1]
@@ -236,6 +257,31 @@ def _baselines(first: RunRecord, singles: list[RunRecord], notes: list[str]) -> 
             f"run(s) of it differ (baseline vs this comparison), e.g. {'; '.join(why[:4])}"
         )
     return found
+
+
+def _one_recipe(task: str, runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
+    """The baseline runs of one recipe (their seeds): the plain one (``equal`` weighting on the
+    ``hard`` architecture) when there is one, else the one with the most runs; a note names
+    the single-task recipes left out (a weighting or an architecture changes a single task's
+    training too: uncertainty weighting rescales its loss)."""
+    recipes: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        recipes.setdefault(run.recipe_hash, []).append(run)
+    chosen = max(
+        recipes.values(),
+        key=lambda part: (
+            part[0].weighting == REFERENCE_METHOD and part[0].architecture == "hard",
+            len(part),
+        ),
+    )
+    if len(recipes) > 1:
+        others = [p for p in recipes.values() if p is not chosen]
+        keys = sorted({k for p in others for k in _differing_keys(p[0], chosen)})
+        notes.append(
+            f"baseline of {task!r}: {len(chosen)} run(s) of one recipe; {sum(map(len, others))} "
+            f"single-task run(s) of other recipes left out (they differ in {', '.join(keys[:4])})"
+        )
+    return chosen
 
 
 # -------------------------------------------------------------------------- ranks and times
@@ -299,92 +345,6 @@ def _notes(
                 )
 
 
-# ------------------------------------------------------------------------------------ output
-def markdown(comparisons: Sequence[Comparison], metrics: Sequence[str] | None = None) -> str:
-    """Every comparison as a Markdown table (``metrics``: only these ``task/metric`` columns)."""
-    parts = []
-    for comparison in comparisons:
-        columns = _shown(comparison.columns, metrics)
-        header = ["method", "seeds", "Δm % ↓", "mean rank"]
-        header += [_column_title(c) for c in columns] + ["ms/step", f"time ×{REFERENCE_METHOD}"]
-        lines = [_row(header), _row([":---"] + ["---:"] * (len(header) - 1))]
-        rows = [*([comparison.baseline] if comparison.baseline else []), *comparison.rows]
-        for row in rows:
-            is_baseline = row is comparison.baseline
-            delta = "0 (reference)" if is_baseline else _text(row.delta, "{:+.2f}")
-            cells = [row.label, ",".join(str(s) for s in row.seeds), delta]
-            cells.append("—" if row.rank is None else f"{row.rank:.2f}")
-            cells += [_text(row.metrics.get(c)) for c in columns]
-            cells.append("—" if row.step_ms is None else f"{row.step_ms:.0f}")
-            cells.append("—" if row.time_ratio is None else f"{row.time_ratio:.2f}")
-            lines.append(_row(cells))
-        text = f"### {comparison.title}\n\n" + "\n".join(lines) + "\n\n"
-        text += (
-            "Δm: mean over every task metric of the signed relative change against the "
-            "single-task baselines, in % (negative: better than single-task), mean ± std over "
-            "seeds; mean rank over the metric columns; ms/step: median training-step time "
-            f"(single-task: the sum of its {len(comparison.tasks)} networks' steps).\n"
-        )
-        text += "".join(f"\nnote: {note}" for note in comparison.notes)
-        parts.append(text.rstrip() + "\n")
-    return "\n".join(parts) if parts else "No multi-task run in the store.\n"
-
-
-def write_csv(comparisons: Sequence[Comparison], path: Path) -> None:
-    """One row per method (and baseline) of every comparison, full precision."""
-    columns = sorted({c for comparison in comparisons for c in comparison.columns})
-    header = [
-        "setup",
-        "tasks",
-        "method",
-        "runs",
-        "seeds",
-        "delta_m",
-        "delta_m_std",
-        "delta_m_per_run",
-        "mean_rank",
-        "step_ms",
-        "time_ratio",
-    ]
-    header += [f"{c}{suffix}" for c in columns for suffix in ("", "_std")]
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for comparison in comparisons:
-            rows = [*([comparison.baseline] if comparison.baseline else []), *comparison.rows]
-            for row in rows:
-                delta = row.delta
-                cells: list[Any] = [
-                    comparison.setup_hash,
-                    ";".join(comparison.tasks),
-                    row.label,
-                    len(row.runs),
-                    ";".join(str(s) for s in row.seeds),
-                    0.0 if row is comparison.baseline else _value(delta and delta.mean),
-                    _value(delta and delta.std),
-                    ";".join("" if d is None else repr(d) for d in row.deltas),
-                    _value(row.rank),
-                    _value(row.step_ms),
-                    _value(row.time_ratio),
-                ]
-                for column in columns:
-                    summary = row.metrics.get(column)
-                    cells += [_value(summary and summary.mean), _value(summary and summary.std)]
-                writer.writerow(cells)
-
-
-def _shown(columns: list[str], metrics: Sequence[str] | None) -> list[str]:
-    if not metrics:
-        return columns
-    wanted = [m.strip("/") for m in metrics]
-    return [c for c in columns if c.split("/", 1)[1] in wanted]
-
-
-def _column_title(column: str) -> str:
-    arrow = {True: " ↑", False: " ↓", None: ""}[higher_is_better(column)]
-    return column.split("/", 1)[1] + arrow
-
-
 def _metric_columns(runs: list[RunRecord], split: str) -> list[str]:
     """``<split>/<task>/<metric>`` of the comparison's tasks (losses left out), task order."""
     tasks = runs[0].tasks
@@ -407,15 +367,3 @@ def _by_task(values: dict[str, float]) -> dict[str, dict[str, float]]:
         _, task, metric = column.split("/")
         nested.setdefault(task, {})[metric] = value
     return nested
-
-
-def _text(summary: Summary | None, spec: str = "{:.4f}") -> str:
-    return "—" if summary is None else summary.text(spec)
-
-
-def _value(value: float | None) -> Any:
-    return "" if value is None else repr(float(value))
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"

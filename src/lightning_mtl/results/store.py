@@ -1,9 +1,10 @@
 """The results store: one SQLite file that every finished run adds itself to.
 
-SQLite (Python's own ``sqlite3``) because the store must survive across runs, sweeps and
-machines sharing a file system, take concurrent writers (jobs of a sweep finishing together:
-SQLite locks the file, writers wait up to :data:`TIMEOUT_S`) and stay readable without the
-template (``sqlite3 logs/results.sqlite 'select * from runs'``). A run is keyed by its run
+SQLite (Python's own ``sqlite3``) because the store must survive across runs and sweeps, take
+concurrent writers on one machine (jobs of a sweep finishing together: SQLite locks the file,
+writers wait up to :data:`TIMEOUT_S`; its locks are not reliable on network file systems such
+as NFS, so cluster jobs on several nodes should each keep a local store, or log to W&B, and be
+merged with ``mtl-report add``) and stay readable without the template (``sqlite3 logs/results.sqlite 'select * from runs'``). A run is keyed by its run
 folder: recording it again (a resumed run that finishes later) replaces its row.
 
 Tables: ``runs`` (one row per run: the :class:`RunRecord` fields, JSON for the mappings) and
