@@ -204,6 +204,7 @@ def test_report_groups_methods_seeds_baselines_and_says_what_is_missing(
     assert other.baseline is None and other.rows[0].deltas == [None]
     assert any("model.optimizer.lr: 0.002 vs 0.01" in n for n in other.notes), other.notes
     text = markdown(comparisons, ["count/mae"])
+    assert "| famo | 1,2 | " in text and " ± 0." in text and "± +" not in text
     assert "| famo | 1,2 |" in text and "colors/map" not in text.split("note")[0]
 
 
@@ -346,7 +347,9 @@ def test_baselines_take_one_recipe_repeats_count_once_and_ranks_share_ties(
     # an evaluation of a checkpoint is not a training; a run without final metrics neither
     assert "not a training" in unrecordable({"train": False}, {"test/a/mae": 1.0})
     assert "no final" in unrecordable({"train": True}, {"perf/step_ms": 1.0})
-    assert unrecordable({"train": True}, {"val/a/mae": 1.0}) is None
+    # still training (val metrics, no test yet) unless the run does not test
+    assert "no final test/" in unrecordable({"train": True}, {"val/a/mae": 1.0})
+    assert unrecordable({"train": True, "test": False}, {"val/a/mae": 1.0}) is None
 
 
 def test_baselines_without_metrics_and_recipes_beyond_the_shown_keys_are_reported(

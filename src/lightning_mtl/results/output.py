@@ -23,7 +23,7 @@ def markdown(comparisons: Sequence[Comparison], metrics: Sequence[str] | None = 
         rows = [*([comparison.baseline] if comparison.baseline else []), *comparison.rows]
         for row in rows:
             is_baseline = row is comparison.baseline
-            delta = "0 (reference)" if is_baseline else _text(row.delta, "{:+.2f}")
+            delta = "0 (reference)" if is_baseline else _text(row.delta, "{:+.2f}", "{:.2f}")
             cells = [row.label, ",".join(str(s) for s in row.seeds), delta]
             cells.append("—" if row.rank is None else f"{row.rank:.2f}")
             cells += [_text(row.metrics.get(c)) for c in columns]
@@ -97,8 +97,8 @@ def _column_title(column: str) -> str:
     return column.split("/", 1)[1] + arrow
 
 
-def _text(summary: Summary | None, spec: str = "{:.4f}") -> str:
-    return "—" if summary is None else summary.text(spec)
+def _text(summary: Summary | None, spec: str = "{:.4f}", std_spec: str | None = None) -> str:
+    return "—" if summary is None else summary.text(spec, std_spec)
 
 
 def _value(value: float | None) -> Any:

@@ -45,11 +45,13 @@ def kept(values: Mapping[str, Any]) -> dict[str, float]:
 def unrecordable(cfg: DictConfig | Mapping[str, Any], values: Mapping[str, float]) -> str | None:
     """Why a run does not belong in the store (None: it does). One rule for the end of a
     training and for ``mtl-report add``: a training (``train: true``; not an evaluation of a
-    checkpoint, ``train=false``) that has final metrics (test, or val with ``test=false``)."""
+    checkpoint, ``train=false``) that has its final metrics: test metrics, or val metrics under
+    ``test=false`` (a run still training has val metrics but no test ones yet)."""
     if cfg.get("train") is not True:
         return "not a training (train is not true: an evaluation of a checkpoint)"
-    if not any(name.startswith(KEPT_PREFIXES) for name in values):
-        return "no final test or val metrics (unfinished or failed)"
+    split = "test/" if cfg.get("test", True) else "val/"  # a run that tests ends with its test
+    if not any(name.startswith(split) for name in values):
+        return f"no final {split} metrics (unfinished, or failed)"
     return None
 
 

@@ -47,9 +47,10 @@ class Summary:
         std = statistics.stdev(finite) if len(finite) > 1 else None
         return cls(statistics.fmean(finite), std, len(finite))
 
-    def text(self, spec: str = "{:.4f}") -> str:
+    def text(self, spec: str = "{:.4f}", std_spec: str | None = None) -> str:
+        """``mean ± std`` (``std_spec``: the std's format, by default ``spec``)."""
         mean = spec.format(self.mean)
-        return mean if self.std is None else f"{mean} ± {spec.format(self.std)}"
+        return mean if self.std is None else f"{mean} ± {(std_spec or spec).format(self.std)}"
 
 
 @dataclass
