@@ -207,13 +207,20 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+UNSET = "(unset)"
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The flattened keys where ``a`` and ``b`` differ (a key only one of them has included),
+    sorted."""
+    return sorted(k for k in set(a) | set(b) if a.get(k, UNSET) != b.get(k, UNSET))
+
+
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """``key: a-value vs b-value`` for every flattened key where ``a`` and ``b`` differ."""
-    keys = sorted(set(a) | set(b))
     return [
-        f"{key}: {_show(a.get(key, '(unset)'))} vs {_show(b.get(key, '(unset)'))}"
-        for key in keys
-        if a.get(key, "(unset)") != b.get(key, "(unset)")
+        f"{key}: {_show(a.get(key, UNSET))} vs {_show(b.get(key, UNSET))}"
+        for key in differing_keys(a, b)
     ]
 
 

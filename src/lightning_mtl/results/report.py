@@ -24,7 +24,7 @@ from typing import Any
 
 from lightning_mtl.compare.table import higher_is_better
 from lightning_mtl.results.delta_m import delta_m
-from lightning_mtl.results.identity import RunRecord, differences
+from lightning_mtl.results.identity import UNSET, RunRecord, differences, differing_keys
 
 STEP_MS = "perf/step_ms"
 REFERENCE_METHOD = "equal"
@@ -202,26 +202,20 @@ def _methods(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
             methods[label] = members
             continue
         varying = sorted(
-            {k for part in recipes.values() for k in _differing_keys(part[0], members)}
+            {
+                k
+                for part in recipes.values()
+                for other in members
+                for k in differing_keys(part[0].recipe, other.recipe)
+            }
         )
         for part in recipes.values():
-            shown = ", ".join(f"{k}={part[0].recipe.get(k, '(unset)')}" for k in varying[:3])
+            shown = ", ".join(f"{k}={part[0].recipe.get(k, UNSET)}" for k in varying[:3])
             name = f"{label} ({shown})"
             if name in methods:  # they differ beyond the keys shown: tell them apart by hash
                 name = f"{label} ({shown}; recipe {part[0].recipe_hash})"
             methods[name] = part
     return methods
-
-
-def _differing_keys(run: RunRecord, others: list[RunRecord]) -> set[str]:
-    keys: set[str] = set()
-    for other in others:
-        keys.update(
-            k
-            for k in set(run.recipe) | set(other.recipe)
-            if run.recipe.get(k) != other.recipe.get(k)
-        )
-    return keys
 
 
 # ------------------------------------------------------------------------------ the baselines
@@ -277,7 +271,9 @@ def _one_recipe(task: str, runs: list[RunRecord], notes: list[str]) -> list[RunR
     )
     if len(recipes) > 1:
         others = [p for p in recipes.values() if p is not chosen]
-        keys = sorted({k for p in others for k in _differing_keys(p[0], chosen)})
+        keys = sorted(
+            {k for p in others for run in chosen for k in differing_keys(p[0].recipe, run.recipe)}
+        )
         notes.append(
             f"baseline of {task!r}: {len(chosen)} run(s) of one recipe; {sum(map(len, others))} "
             f"single-task run(s) of other recipes left out (they differ in {', '.join(keys[:4])})"
