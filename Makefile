@@ -12,21 +12,21 @@ ARGS ?=
 # Tests never touch the network: no hub retries, W&B runs offline.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 
-.PHONY: help install install-dev train eval test test-slow test-all lint format bench clean
+.PHONY: help install install-dev train eval test test-slow test-all lint typecheck format bench clean
 
 help:
 	@echo "make train [ARGS='overrides'] | make eval ARGS='ckpt_path=...' | make test | make test-slow"
-	@echo "make lint | make format | make bench | make clean"
+	@echo "make lint | make typecheck | make format | make bench | make clean"
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
 	.tools/bin/python -m pip install --quiet uv
 
 install: $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --inexact
 
 install-dev: $(UV)
-	$(UV) sync --frozen --group dev
+	$(UV) sync --frozen --inexact --group dev
 
 train: install
 	$(VENV)/bin/mtl-train $(ARGS)
@@ -44,6 +44,10 @@ lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# mypy on src/ (settings in mypy.ini); it reads the installed libraries' types, hence the venv
+typecheck: install-dev
+	$(VENV)/bin/mypy
+
 format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -52,4 +56,4 @@ bench: install
 	$(TEST_ENV) $(VENV)/bin/python benchmarks/overhead.py $(ARGS)
 
 clean:
-	rm -rf .pytest_cache .ruff_cache logs/*/ wandb
+	rm -rf .pytest_cache .ruff_cache .mypy_cache logs/*/ wandb

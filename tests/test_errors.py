@@ -96,7 +96,7 @@ def test_train_stops_before_the_trainer_exists(
 
 def test_config_error_is_found_inside_hydra_wrappers(make_cfg: Callable[..., DictConfig]) -> None:
     """What `mtl-train` prints (no trace) when a `_target_` raises a ConfigError."""
-    from lightning_mtl.utils.setup import config_error_in
+    from lightning_mtl.errors import config_error_in
 
     with pytest.raises(Exception) as info:
         hydra.utils.instantiate(make_cfg("model.backbone.name=resnet19").model)

@@ -14,6 +14,7 @@ the run folder a resumed ``mtl-train`` picks is tested in test_checkpoints.py. S
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -178,9 +179,9 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(
     references: dict, tmpdir_elsewhere: str, tmp_path: Path
 ) -> None:
     """SIGTERM once training runs: exit code 0, last.ckpt at the step it stopped, and the run
-    resumed from its folder ends like the uninterrupted one."""
+    resumed from its folder ends like the uninterrupted one, in the same W&B run (offline)."""
     run = tmp_path / "run"
-    args = overrides("merged", "equal")
+    args = [*overrides("merged", "equal"), "logger=wandb"]
     process = launch(run, args, tmpdir_elsewhere)
 
     def terminate_once_training() -> None:
@@ -197,5 +198,12 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(
     assert "SIGTERM: saved" in tail(run)
     saved = read_checkpoint(run / "checkpoints" / "last.ckpt", for_training=True)
     assert 0 < saved["global_step"] < STEPS["merged"]
-    metrics, _ = train(compose_config("train", [*args, f"ckpt_path={run}"], run))
+    killed_run = json.loads((run / "wandb_run.json").read_text())["id"]
+    metrics, objects = train(compose_config("train", [*args, f"ckpt_path={run}"], run))
     assert_same_end(run, metrics, reference)
+    # the W&B run id survives the kill: one run, two offline sessions
+    logger = next(lg for lg in objects["trainer"].loggers if type(lg).__name__ == "WandbLogger")
+    assert logger.experiment.id == killed_run
+    sessions = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(s.name.endswith(f"-{killed_run}") for s in sessions)
+    logger.finish()

@@ -184,3 +184,29 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
         own = _flat_grads(losses[task], list(head.parameters()))
         for (name, _), g in zip(head.named_parameters(), own, strict=True):
             torch.testing.assert_close(got[f"net.heads.{task}.{name}"], g, rtol=1e-4, atol=1e-7)
+
+
+def test_under_ddp_the_logged_training_losses_are_the_means_over_the_ranks(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    """``train/<task>/loss`` and ``train/loss`` under DDP: each task's loss averaged over the ranks
+    that labelled it, the total over all ranks (rank 0's own values before). The other rank is
+    simulated by the all-reduce: it labelled segmentation (loss 3) but not count, total 5."""
+    from lightning_mtl.weighting import StepContext
+
+    module = hydra.utils.instantiate(make_cfg().model)
+    tasks = list(module.weighting.tasks)
+    other = torch.zeros(2, len(tasks) + 1)
+    other[:, tasks.index("segmentation")] = torch.tensor([3.0, 1.0])
+    other[:, -1] = torch.tensor([5.0, 1.0])
+    logged: dict[str, float] = {}
+    module.log_dict = lambda values, **_: logged.update({k: float(v) for k, v in values.items()})
+    module.log = lambda key, value, **_: logged.update({key: float(value)})
+    context = StepContext(world_size=2, all_reduce=lambda stats: stats + other)
+    losses = {"segmentation": torch.tensor(1.0), "count": torch.tensor(4.0)}
+    module._log_train_losses(losses, torch.tensor(2.0), context, 8)
+    assert logged == {"train/segmentation/loss": 2.0, "train/count/loss": 4.0, "train/loss": 3.5}
+
+    logged.clear()  # one process: its own values
+    module._log_train_losses(losses, torch.tensor(2.0), StepContext(world_size=1), 8)
+    assert logged == {"train/segmentation/loss": 1.0, "train/count/loss": 4.0, "train/loss": 2.0}

@@ -302,3 +302,27 @@ def test_cli_exits_non_zero_with_the_message_and_no_trace(tmp_path: Path) -> Non
     assert "data.batch_size: 0; expected an integer >= 1" in result.stderr
     assert str(extra / "task" / "volume.yaml") in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_split_where_no_row_labels_a_task_passes_the_label_check() -> None:
+    """A CSV whose test split leaves a task's cells empty (the README's own-data example): its
+    label table has no row for the task, which is nothing to check, not a crash."""
+    from lightning_mtl.models.backbone import FeatureInfo
+    from lightning_mtl.preflight.labels import LabelRule
+    from lightning_mtl.tasks import build_tasks
+
+    tasks = build_tasks(
+        {
+            "cls": {
+                "head": {"name": "classification", "num_classes": 3},
+                "loss": "cross_entropy",
+                "metrics": ["accuracy"],
+            }
+        },
+        FeatureInfo((8,), (32,)),
+    )
+    rule = LabelRule(tasks[0])
+    rule.check_table("csv/test", torch.empty(0, dtype=torch.long))
+    assert rule.findings == {}
+    rule.check_table("csv/train", torch.tensor([0, 2, 3]))  # 3 is out of range
+    assert rule.findings["csv/train"].count == 1 and rule.findings["csv/train"].sample == 2

@@ -1,6 +1,6 @@
 """Every documented switch works: every option of every config group composes, resolves and
-passes the pre-flight schema, and trains one step; so do the combinations the README tells
-users about (``logger=none``, ``callbacks=none``, ``debug=*`` with ``trainer=ddp_sim``, each
+passes the pre-flight schema, and trains one step; so do the combinations the README and docs/
+tell users about (``logger=none``, ``callbacks=none``, ``debug=*`` with ``trainer=ddp_sim``, each
 ``experiment=`` on generated files in its native format).
 
 Composing covers everything in the default suite. One step of each option costs a Lightning run:
@@ -33,8 +33,9 @@ from tests.test_sources_images import OFFICE31_CLASSES, write_celeba, write_imag
 from tests.test_sources_npy import write_layout
 
 # Groups selected as `group=option`; `task` is a multi-select, `architecture` a model key,
-# `data/source` a package of merged data, `hydra` the run's own (every CLI run composes it).
-SPECIAL = {"task", "architecture", "hydra"}
+# `data/source` a package of merged data, `hydra` the run's own (every CLI run composes it),
+# `preprocess` a group of predict.yaml and export.yaml only (tests/test_predict_export.py).
+SPECIAL = {"task", "architecture", "hydra", "preprocess"}
 SHAPES_TASKS = ["segmentation", "depth", "count", "dominant_color", "colors"]
 # One optimizer step, one validation and one test batch: what a switch needs to show it works.
 STEP = [
@@ -80,7 +81,7 @@ def cycled_selections() -> Iterator[list[str]]:
     """Selections that together pick every option of every group at least once: selection i
     takes option ``i mod n`` of each group of n options, a task file, an architecture and (with
     merged data) an extra source; the first ones each take a debug config with
-    ``trainer=ddp_sim`` (as the README combines them), the others each trainer in turn."""
+    ``trainer=ddp_sim`` (as the docs combine them), the others each trainer in turn."""
     groups = {g: options(g) for g in plain_groups() if g not in {"experiment", "debug", "trainer"}}
     debugs, trainers = options("debug"), options("trainer")
     tasks, architectures = options("task"), options("architecture")
@@ -145,8 +146,10 @@ def test_every_option_of_every_group_composes_and_passes_the_schema(composer: Co
 
 
 def test_readme_switches_name_existing_options() -> None:
-    """Every ``group=option`` the README shows names a config file, so the tests here reach it."""
-    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    """Every ``group=option`` the README and the docs pages show names a config file, so the
+    tests here reach it."""
+    pages = [CONFIG_DIR.parent / "README.md", *sorted((CONFIG_DIR.parent / "docs").glob("*.md"))]
+    readme = "\n".join(page.read_text() for page in pages)
     # the switch tables and the commands it shows (not the error messages it quotes)
     text = "\n".join(
         line for line in readme.splitlines() if line.startswith("|") or "mtl-train " in line
@@ -180,7 +183,7 @@ def one_step(out: Path, overrides: list[str]) -> dict[str, float]:
 
 
 # Together these select every option of callbacks, finetune, logger and debug, the in-process
-# trainers and both Shapes data configs. The first ones (the README's `logger=none` and
+# trainers and both Shapes data configs. The first ones (the documented `logger=none` and
 # `callbacks=none` among them) run in the default suite, the others in the slow one (W&B's
 # start, anomaly detection and the profiler cost tens of seconds on a 2-core CPU).
 RUNS = [
@@ -243,6 +246,13 @@ def write_experiment_data(root: Path, experiment: str) -> None:
         write_layout(root / "nyuv2", {"label": 13}, with_normals=True)
     elif experiment == "cityscapes":
         write_layout(root / "cityscapes", {"label_7": 7, "label_19": 19}, with_normals=False)
+    elif experiment == "own_data":  # the README's CSV folder: a class and a regression column
+        rows = ["image,species,length,split"]
+        for i in range(6):
+            write_image(root / "my_images" / "photos" / f"{i}.png", (40 * i, 0, 0))
+            split = ("train", "train", "val", "val", "test", "test")[i]
+            rows.append(f"photos/{i}.png,{i % 3},{1.5 * i},{split}")
+        (root / "my_images" / "labels.csv").write_text("\n".join(rows) + "\n")
     elif experiment == "office31":
         for d, domain in enumerate(("amazon", "dslr", "webcam")):
             for c, name in enumerate(OFFICE31_CLASSES):
@@ -251,7 +261,7 @@ def write_experiment_data(root: Path, experiment: str) -> None:
                     write_image(path, (c * 80, d * 60, i * 40))
 
 
-REAL_EXPERIMENTS = {"celeba", "cityscapes", "nyuv2", "office31"}
+REAL_EXPERIMENTS = {"celeba", "cityscapes", "nyuv2", "office31", "own_data"}
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@ W&B offline, and a 2-process DDP run."""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -238,7 +241,7 @@ def test_wandb_offline_run_writes_its_files(
     model = objects["model"]
     assert run.summary["model/params/total"] == sum(p.numel() for p in model.parameters())
     assert set(run.tags) == {"ci", "offline"} and run.project == "lightning-mtl"
-    assert "val/segmentation/miou" in run.summary.keys()  # noqa: SIM118 (a wandb Summary)
+    assert "segmentation/val/miou" in run.summary.keys()  # noqa: SIM118 (W&B: task first)
     wandb.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -250,33 +253,59 @@ def test_wandb_offline_run_writes_its_files(
 # Every method's DDP step is compared with one process on the union batch in seconds by
 # tests/test_weighting_ddp.py, and FAMO's all-reduced losses run under ddp_sim in the default
 # suite (tests/test_merged_data.py); these add the whole Lightning path: nash_mtl (a cvxpy
-# solve that must give both ranks the same weights), pcgrad at the params level (all-reduced
-# Jacobian, a random projection order seeded alike on each rank) and uncertainty (the balancer's
-# own learned parameters, synchronised by DDP like the model's).
-DDP_METHODS = ["nash_mtl", "pcgrad@params", "uncertainty"]
+# solve that must give both ranks the same weights) and uncertainty (the balancer's own learned
+# parameters, synchronised by DDP like the model's) as the two jobs of one `-m` sweep, which also
+# checks that DDP inside a Hydra sweep runs each job once, in its own folder; pcgrad at the params
+# level (all-reduced Jacobian, a random projection order seeded alike on each rank) alone.
+DDP_CHECKS = ["trainer.max_epochs=2", "callbacks.gradient_conflict.every_n_steps=2", "test=true"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", DDP_METHODS)
-def test_ddp_sim_two_cpu_processes(method: str, tmp_path: Path) -> None:
-    name, _, level = method.partition("@")
-    output = run_ddp_sim(
-        tmp_path,
-        f"weighting={name}",
-        *([f"weighting.level={level}"] if level else []),
-        "trainer.max_epochs=2",
-        "callbacks.gradient_conflict.every_n_steps=2",
-        "test=true",
-        timeout=300,
-    )
-    assert "world_size: 2" in output or "MEMBER: 2/2" in output
-    rows = read_csv(tmp_path / "csv" / "metrics.csv")
+def check_ddp_run(folder: Path, output: str) -> None:
+    """What a 2-process run of the FAST config with DDP_CHECKS leaves in its folder."""
+    rows = read_csv(folder / "csv" / "metrics.csv")
     # 48 samples, 2 ranks, batch 8: 3 steps per epoch per rank
     assert max(int(row["step"]) for row in rows if row.get("train/loss")) == 5
     assert any(row.get("val/segmentation/miou") for row in rows)
+    assert any(row.get("test/segmentation/miou") for row in rows)
     assert len(column(rows, "train/grad_cos/segmentation/depth")) == 3  # steps 0, 2, 4
+    assert len(list((folder / "checkpoints").glob("*.ckpt"))) >= 1
     for warning in DDP_WARNINGS:
         assert warning not in output, warning
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_cpu_processes_pcgrad_at_params(tmp_path: Path) -> None:
+    output = run_ddp_sim(
+        tmp_path, "weighting=pcgrad", "weighting.level=params", *DDP_CHECKS, timeout=300
+    )
+    assert "world_size: 2" in output or "MEMBER: 2/2" in output
+    check_ddp_run(tmp_path, output)
+
+
+@pytest.mark.slow
+def test_a_ddp_sweep_runs_each_job_once_in_its_own_folder(tmp_path: Path) -> None:
+    """``-m trainer=ddp_sim weighting=nash_mtl,uncertainty``: Lightning starts rank 1 by running
+    the command line again, which under ``-m`` is the whole sweep; rank 1 must join each job of
+    rank 0 instead (utils/ddp_launch.py), and the second job must start its own processes (not
+    reuse the first job's, which have ended: utils/entry.py)."""
+    command = [sys.executable, "-m", "lightning_mtl.train", "-m", "trainer=ddp_sim"]
+    fast = [o for o in FAST if not o.startswith("trainer.accelerator")]
+    overrides = [*fast, *DDP_CHECKS, "weighting=nash_mtl,uncertainty", f"paths.log_dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    result = subprocess.run(
+        [*command, *overrides], env=env, capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["multiruns"]  # no runs/
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()  # one sweep folder, not one per rank
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, method in zip(jobs, ["nash_mtl", "uncertainty"], strict=True):
+        assert {p.name for p in job.glob("*.log")} == {"train.log", "train_ddp_process_1.log"}
+        assert f"weighting={method}" in (job / ".hydra" / "overrides.yaml").read_text()
+        check_ddp_run(job, output)
+    assert output.count("world_size: 2") + output.count("MEMBER: 2/2") >= 2
 
 
 GRADIENT_AT_PARAMS = {"mgda", "pcgrad", "upgrad", "nash_mtl"}  # a few also at the params level

@@ -22,13 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
+from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
-    config_error_in,
-    configure_environment,
     instantiate_mapping,
     log_hyperparameters,
-    report_error,
     set_float32_matmul_precision,
 )
 
@@ -81,17 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    def run(cfg: DictConfig) -> None:
-        try:
-            evaluate(cfg)
-        except Exception as error:
-            cause = config_error_in(error)
-            if cause is None:
-                raise
-            report_error(cause)  # the message names the file or key: no trace, exit code 1
-            raise SystemExit(1) from None
-
-    hydra.main(version_base="1.3", config_path=configure_environment(), config_name="eval")(run)()
+    run_entry_point("lightning_mtl.eval:evaluate", "eval")
 
 
 if __name__ == "__main__":

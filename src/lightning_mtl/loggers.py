@@ -41,4 +41,5 @@ class CSVLogger(LightningCSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        assert isinstance(self._experiment, ExperimentWriter)  # the writer made above
         return self._experiment

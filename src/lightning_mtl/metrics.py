@@ -38,6 +38,10 @@ class ThresholdAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
+    # states (add_state in __init__), declared for the type checker
+    hits: torch.Tensor
+    total: torch.Tensor
+
     def __init__(self, threshold: float = 1.25, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.threshold = threshold
@@ -61,6 +65,10 @@ class MeanAngularError(Metric):
 
     higher_is_better = False
     full_state_update = False
+
+    # states (add_state in __init__), declared for the type checker
+    value: torch.Tensor
+    total: torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -167,7 +175,7 @@ def build_metrics(
     """A ``MetricCollection`` of the names in ``spec`` (a list, or a mapping name -> kwargs)."""
     kind = head.metric_kind
     items = spec.items() if isinstance(spec, Mapping) else ((name, None) for name in spec)
-    metrics: dict[str, Metric] = {}
+    metrics: dict[str, Metric | MetricCollection] = {}
     for name, kwargs in items:
         if name not in METRICS[kind]:
             raise ConfigError(

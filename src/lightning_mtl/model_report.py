@@ -142,7 +142,9 @@ class ModelReport:
     # ----------------------------------------------------------------------------- the display
     def _tables(self) -> Iterator[tuple[str, list[str], list[list[str]]]]:
         """``(title, header, rows)`` of each table, as text cells."""
-        params, used, flops = [], [], []
+        params: list[list[str]] = []
+        used: list[list[str]] = []
+        flops: list[list[str]] = []
         for key, label, value in self.rows():
             if isinstance(value, ParamCount):
                 cells = [label, f"{value.total:,}", f"{value.trainable:,}", f"{value.frozen:,}"]
@@ -250,7 +252,7 @@ def backbone_stages(net: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     another network or backbone."""
     architecture = getattr(net, "architecture", None)
     names = getattr(getattr(architecture, "backbone", None), "stage_names", None)
-    if not names or not hasattr(architecture, "stage_parameters"):
+    if architecture is None or not names or not hasattr(architecture, "stage_parameters"):
         return []
     groups = architecture.stage_parameters()
     return [(f"{s}: {names[s]}", params) for s, params in enumerate(groups) if s < len(names)]
@@ -325,7 +327,8 @@ def _reached(outputs: Sequence[torch.Tensor]) -> set[int]:
 def _count_flops(net: nn.Module, call: Any, image: torch.Tensor) -> tuple[int, dict[str, int]]:
     """Total forward FLOPs of one image, and per top-level submodule (``architecture``) and per
     entry of a top-level ``ModuleDict`` (``heads/<task>``)."""
-    counter = FlopCounterMode(display=False, depth=None)
+    # depth=None: every depth (torch handles None but annotates an int)
+    counter = FlopCounterMode(display=False, depth=None)  # type: ignore[arg-type]
     with torch.no_grad(), counter:
         call(image)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}

@@ -38,6 +38,7 @@ from lightning_mtl.optim import (
     group_rules,
     optimizer_groups,
 )
+from lightning_mtl.prediction import predicted
 from lightning_mtl.schedules import schedule_length
 from lightning_mtl.task_metrics import TaskMetrics
 from lightning_mtl.tasks import (
@@ -211,9 +212,6 @@ class MultiTaskModule(L.LightningModule):
             # methods with state update it like the other ranks
             combined = balancer(losses, context)
             terms.insert(0, combined.loss)
-            self.log_dict(
-                {f"train/{t}/loss": v.detach() for t, v in losses.items()}, batch_size=size
-            )
             shown = {f"train/weight/{t}": w for t, w in combined.weights.items()}
             for place, weights in combined.places.items():
                 shown.update({f"train/weight/{place}/{t}": w for t, w in weights.items()})
@@ -221,17 +219,41 @@ class MultiTaskModule(L.LightningModule):
         else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
             terms.append(balancer.zero_term())
         total = sum(terms[1:], start=terms[0])
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
+        self._log_train_losses(losses, total, context, size)
         self.step_record = StepRecord(losses, out.meetings, context.grad_scale, batch_idx)
-        if self.hparams.train_metrics:
+        if self.hparams["train_metrics"]:
             self.task_metrics.update("train_", labelled)
         return total
+
+    def _log_train_losses(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        total: torch.Tensor,
+        context: StepContext,
+        size: int,
+    ) -> None:
+        """Log ``train/<task>/loss`` and ``train/loss``. Under DDP they are the global values:
+        each task's loss averaged over the ranks that labelled it, and the total over all ranks
+        (one all-reduce of 2(k+1) numbers per step, on every rank at the same point), so the
+        curves do not show rank 0's shard alone."""
+        values = {t: v.detach() for t, v in losses.items()}
+        if context.all_reduce is not None:
+            names = [*self.weighting.tasks, ""]
+            means = global_loss_values(
+                {**values, "": total}, names, context.all_reduce, self.device
+            )
+            present = {n: m for n, m in zip(names, means, strict=True) if not torch.isnan(m)}
+            values = {t: m for t, m in present.items() if t}
+            total = present.get("", total)
+        self.log_dict({f"train/{t}/loss": v for t, v in values.items()}, batch_size=size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=size)
 
     def optimizer_step(
         self,
         epoch: int,
         batch_idx: int,
-        optimizer: torch.optim.Optimizer,
+        # Lightning passes a LightningOptimizer, which subclasses the wrapped optimizer's class
+        optimizer: torch.optim.Optimizer,  # type: ignore[override]
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
         """The optimizer's step, unless the ``nonfinite_loss`` guard skips it: the closure (the
@@ -257,7 +279,7 @@ class MultiTaskModule(L.LightningModule):
 
     def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
         images = batch["image"]
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
@@ -281,8 +303,17 @@ class MultiTaskModule(L.LightningModule):
         losses, labelled = self.task_losses(self.net(self._images(batch)), batch)
         self.task_metrics.evaluate("test", losses, labelled, dataloader_idx)
 
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Each task's output in the form a user reads (:mod:`lightning_mtl.prediction`): class
+        probabilities (B×C; per pixel B×C×H×W for segmentation), multi-label probabilities,
+        regression values, depth maps, unit normals; at the input images' size."""
+        outputs = self.net(self._images(batch))
+        return {task.name: predicted(task, outputs[task.name]) for task in self.tasks}
+
     def on_train_epoch_end(self) -> None:
-        if self.hparams.train_metrics:
+        if self.hparams["train_metrics"]:
             self.task_metrics.log_epoch("train", self)
 
     def on_validation_epoch_end(self) -> None:
@@ -305,10 +336,11 @@ class MultiTaskModule(L.LightningModule):
         check_against_batches(self, self.tasks, batch)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.channels_last:
-            self.net.to(memory_format=torch.channels_last)
-        if self.hparams.compile and stage == "fit":
-            self.net.compile_parts(self.hparams.compile)
+        if self.hparams["channels_last"]:
+            # Module.to takes memory_format; torch's overloads of it leave the keyword out
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.hparams["compile"] and stage == "fit":
+            self.net.compile_parts(self.hparams["compile"])
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         sources = getattr(datamodule, "eval_sources", None) or {}
         self.task_metrics.add_sources(sources, self.device)
@@ -317,7 +349,9 @@ class MultiTaskModule(L.LightningModule):
         """The fp16 roll-back of the balancer's state and the guard of ``nonfinite_loss`` (this
         module's own, which ``training_step`` reports to), in every run (no config can drop them)."""
         present = self._trainer is not None and any(
-            isinstance(c, BalancerRollback) for c in self._trainer.callbacks
+            # Trainer.callbacks is set by Lightning's callback connector, not declared on Trainer
+            isinstance(c, BalancerRollback)
+            for c in self._trainer.callbacks  # type: ignore[attr-defined]
         )
         return [self.nonfinite] if present else [BalancerRollback(), self.nonfinite]
 
@@ -333,7 +367,7 @@ class MultiTaskModule(L.LightningModule):
         make_scheduler = self.make_scheduler
         if make_scheduler is None:
             return optimizer
-        kwargs, interval = {}, self.hparams.scheduler_interval
+        kwargs, interval = {}, self.hparams["scheduler_interval"]
         if "total_steps" in inspect.signature(make_scheduler).parameters:
             kwargs["total_steps"] = schedule_length(self.trainer, interval)
         scheduler = make_scheduler(optimizer, **kwargs)

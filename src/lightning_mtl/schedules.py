@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -52,7 +53,7 @@ def warmup_cosine_factor(
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def entry_ramp(group: dict, step: int) -> float:
+def entry_ramp(group: dict[str, Any], step: int) -> float:
     """A late group's warm-up factor at ``step`` (1 for groups without one)."""
     length = int(group.get("warmup_steps", 0) or 0)
     if length <= 0:
@@ -76,12 +77,12 @@ class WarmupCosine(LRScheduler):
         self.min_lr_ratio = min_lr_ratio
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:  # LRScheduler's signature; floats here
         step = self.last_epoch
         factor = warmup_cosine_factor(
             step, self.total_steps, self.warmup_fraction, self.min_lr_ratio
         )
-        lrs = []
+        lrs: list[float | Tensor] = []
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
             lrs.append(group["initial_lr"] * factor * entry_ramp(group, step))

@@ -9,12 +9,12 @@ every step costs Lightning a device move of every metric per step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 
 from lightning_mtl.metrics import build_metrics
 from lightning_mtl.tasks import TaskSpec
@@ -46,8 +46,15 @@ class TaskMetrics(nn.Module):
         self._source_keys: list[str] = []
 
     @staticmethod
-    def _collection(task: TaskSpec, prefix: str) -> nn.Module:
+    def _collection(task: TaskSpec, prefix: str) -> MetricCollection:
         return build_metrics(task.name, task.head, task.metrics).clone(prefix=prefix)
+
+    # nn.ModuleDict is untyped: its items are the MetricCollections / MeanMetrics built above
+    def _metrics(self, key: str) -> MetricCollection:
+        return cast(MetricCollection, self.metrics[key])
+
+    def _loss_mean(self, key: str) -> MeanMetric:
+        return cast(MeanMetric, self.loss_means[key])
 
     # ------------------------------------------------------------------------------ updates
     def update(self, group: str, labelled: Labelled) -> None:
@@ -56,7 +63,7 @@ class TaskMetrics(nn.Module):
         for task in self.tasks:
             key = group + task.name
             if task.name in labelled and key in self.metrics:
-                self.metrics[key].update(*task.metric_inputs(*labelled[task.name]))
+                self._metrics(key).update(*task.metric_inputs(*labelled[task.name]))
                 self._updated.add(key)
 
     def evaluate(
@@ -74,7 +81,7 @@ class TaskMetrics(nn.Module):
         for group in groups:
             for task, loss in losses.items():
                 # weighted by the labelled samples: the epoch value is a per-sample mean
-                self.loss_means[group + task].update(loss, weight=labelled[task][1].shape[0])
+                self._loss_mean(group + task).update(loss, weight=labelled[task][1].shape[0])
             self.update(group, labelled)
 
     # ------------------------------------------------------------------------------ the epoch
@@ -103,14 +110,14 @@ class TaskMetrics(nn.Module):
         for (name, task, key), was_updated in zip(entries, updated.tolist(), strict=True):
             if was_updated:
                 # compute() already gathered all ranks: sync_dist only averages equal values
-                module.log_dict(self.metrics[key].compute(), sync_dist=True)
+                module.log_dict(self._metrics(key).compute(), sync_dist=True)
                 if key in self.loss_means:
-                    loss = self.loss_means[key].compute()
+                    loss = self._loss_mean(key).compute()
                     module.log(f"{stage}/{name}{task.name}/loss", loss, sync_dist=True)
                     totals[name] = totals[name] + loss if name in totals else loss
-            self.metrics[key].reset()
+            self._metrics(key).reset()
             if key in self.loss_means:
-                self.loss_means[key].reset()
+                self._loss_mean(key).reset()
             self._updated.discard(key)
         for name, total in totals.items():
             # ``total_loss``: ``<source>/loss`` would collide with the loss of a task of the same

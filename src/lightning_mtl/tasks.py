@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -121,8 +121,12 @@ class FeatureInfoLike(Protocol):
     """What a head is built from: channels and strides of the maps it reads (a
     :class:`~lightning_mtl.models.backbone.FeatureInfo`, or a ``Backbone``)."""
 
-    channels: Any
-    reductions: Any
+    # read-only: FeatureInfo is a frozen dataclass
+    @property
+    def channels(self) -> Any: ...
+
+    @property
+    def reductions(self) -> Any: ...
 
     @property
     def pooled_dim(self) -> int: ...
@@ -162,7 +166,8 @@ def task_reads(config: Mapping[str, Any]) -> dict[str, str]:
     reads = {}
     for name, raw in check_tasks_block(config).items():
         head_name, _ = _named_block(name, "head", raw["head"])
-        reads[str(name)] = HEADS.get(head_name, f"tasks.{name}.head.name").reads
+        head_class = cast("type[Head]", HEADS.get(head_name, f"tasks.{name}.head.name"))  # classes
+        reads[str(name)] = head_class.reads
     return reads
 
 

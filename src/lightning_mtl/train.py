@@ -12,20 +12,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_mtl.checkpointing import resolve_ckpt_path, with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.preflight import check_config, run_preflight
 from lightning_mtl.results.record import record_run
+from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
-    config_error_in,
-    configure_environment,
     drop_callbacks_that_need_a_logger,
     instantiate_mapping,
     log_hyperparameters,
-    report_error,
     set_float32_matmul_precision,
 )
 
@@ -78,7 +77,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics: dict[str, Any] = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        # Lightning's checkpoint_callback is its first ModelCheckpoint (typed as Checkpoint)
+        callback = trainer.checkpoint_callback
+        best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
         # Without a best checkpoint: the weights just trained, or the given checkpoint.
         ckpt_path = best or (None if cfg.get("train") else ckpt_path)
         log.info("Testing %s", ckpt_path or "the current weights")
@@ -91,21 +92,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return scalars, {"datamodule": datamodule, "model": model, "trainer": trainer}
 
 
-def main() -> None:
-    def run(cfg: DictConfig) -> float | None:
-        try:
-            metrics, _ = train(cfg)
-        except Exception as error:
-            cause = config_error_in(error)
-            if cause is None:
-                raise
-            report_error(cause)  # the message says it all: no trace, exit code 1
-            raise SystemExit(1) from None
-        # A Hydra sweeper (e.g. Optuna) optimises the metric named by `optimized_metric`.
-        name = cfg.get("optimized_metric")
-        return metrics.get(name) if name else None
+def optimized_metric(cfg: DictConfig) -> float | None:
+    """Train, and return the metric named by ``optimized_metric`` (for a sweeper such as
+    Optuna; None when the config names none)."""
+    metrics, _ = train(cfg)
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None
 
-    hydra.main(version_base="1.3", config_path=configure_environment(), config_name="train")(run)()
+
+def main() -> None:
+    run_entry_point("lightning_mtl.train:optimized_metric", "train")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ a GradScaler it does nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
+
+if TYPE_CHECKING:  # the module imports this callback; its hooks are written for that module
+    from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ class BalancerRollback(L.Callback):
         scale = grad_scale(trainer)  # (a device sync on GPU: read it only where needed)
         if scale is None:
             return
-        state = {k: v.clone() for k, v in pl_module.weighting.state_dict().items()}
+        weighting = cast("MultiTaskModule", pl_module).weighting
+        state = {k: v.clone() for k, v in weighting.state_dict().items()}
         self._snapshot = (scale, state)
 
     def on_train_batch_end(
@@ -55,7 +59,7 @@ class BalancerRollback(L.Callback):
         scale, state = self._snapshot
         now = grad_scale(trainer)
         if now is not None and now < scale:
-            pl_module.weighting.load_state_dict(state)
+            cast("MultiTaskModule", pl_module).weighting.load_state_dict(state)
             self._snapshot = None
             log.debug(
                 "step %d skipped by the GradScaler; balancer state restored", trainer.global_step

@@ -11,13 +11,15 @@ its shared parameters instead (k backward passes through the network). A place t
 gradient reaches (frozen upstream) is not measured; one message says so.
 
 Logged as ``train/grad_norm/<task>`` and ``train/grad_cos/<a>/<b>`` to every logger; with a
-W&B logger the cosine matrix also goes as a heatmap image (``train/grad_conflict``).
+W&B logger the cosine matrix also goes as a heatmap image (``train/grad_conflict``, with a
+caption naming its step; two tasks measured at least). ``logger=wandb`` shows these under
+``gradients/norm/``, ``gradients/cos/`` and ``gradients/conflict`` (docs/wandb.md).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -26,6 +28,9 @@ from lightning.pytorch.loggers import WandbLogger
 # the heatmap lives with the run's other figures; imported here too, where it was first
 from lightning_mtl.diagnostics.plots import conflict_figure
 from lightning_mtl.weighting import task_gradients
+
+if TYPE_CHECKING:  # the module imports the callbacks
+    from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ class GradientConflictMonitor(L.Callback):
         gram = self._gram(trainer, pl_module, record)
         if gram is None:
             return
-        names = [t.name for t in pl_module.tasks]
+        names = [t.name for t in cast("MultiTaskModule", pl_module).tasks]
         norms = gram.diagonal().clamp_min(0).sqrt()
         cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
         seen = [i for i in range(len(names)) if norms[i] > 0]
@@ -77,7 +82,8 @@ class GradientConflictMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, record: Any
     ) -> torch.Tensor | None:
         """The k×k Gram matrix of the task gradients at the first meeting place (global)."""
-        weighting = pl_module.weighting
+        module = cast("MultiTaskModule", pl_module)  # it keeps a step record: a MultiTaskModule
+        weighting = module.weighting
         gram = getattr(weighting, "last_gram", None)
         if weighting.needs_gradients and gram is not None:
             return gram
@@ -96,7 +102,7 @@ class GradientConflictMonitor(L.Callback):
                 )
                 self._warned = True
             return None
-        tasks = [t.name for t in pl_module.tasks]
+        tasks = [t.name for t in module.tasks]
         names = [t for t in tasks if t in record.losses]
         rows = task_gradients([record.losses[n] for n in names], inputs, record.grad_scale)
         full = rows.new_zeros(len(tasks), rows.shape[1])
@@ -116,6 +122,16 @@ class GradientConflictMonitor(L.Callback):
         if not loggers or self.last is None:
             return
         names, cosine, step = self.last
+        if len(names) < 2:  # one task's gradient reached the place: no pair to show
+            return
         figure = conflict_figure(names, cosine.float().numpy(), step)
         for logger in loggers:
-            logger.log_image(key="train/grad_conflict", images=[figure], step=trainer.global_step)
+            try:  # a W&B failure must not stop training
+                logger.log_image(
+                    key="train/grad_conflict",
+                    images=[figure],
+                    step=trainer.global_step,
+                    caption=[f"task-gradient cosines at step {step}"],
+                )
+            except Exception as error:
+                log.warning("gradient monitor: sending the heatmap to W&B failed: %r", error)

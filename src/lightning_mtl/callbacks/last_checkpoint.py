@@ -85,7 +85,7 @@ class LastCheckpoint(ModelCheckpoint):
     def _skips(self, trainer: L.Trainer) -> bool:
         """No write outside a fit, in the sanity check or under fast_dev_run."""
         return (
-            bool(trainer.fast_dev_run)
+            bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by Lightning's setup
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
         )

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -57,6 +57,9 @@ from lightning_mtl.callbacks.unfreeze_plan import KEY, UnfreezePlan
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.optim import group_rules, parameters_in, stage_groups
 from lightning_mtl.schedules import WarmupCosine
+
+if TYPE_CHECKING:  # the module imports the callbacks
+    from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +249,12 @@ class LayerwiseTraining(L.Callback):
             for param in params[s]:
                 param.requires_grad_(True)
         held = parameters_in(optimizer)
-        rules = group_rules(pl_module)
+        # a MultiTaskModule: _architecture() above refuses any other module
+        module = cast("MultiTaskModule", pl_module)
+        rules = group_rules(module)
         groups: list[dict[str, Any]] = []
         for s in stages:
-            for group in stage_groups(pl_module, s, rules, exclude=held):
+            for group in stage_groups(module, s, rules, exclude=held):
                 held.update(id(p) for p in group["params"])
                 groups.append(group)
         names = {id(p): n for n, p in pl_module.named_parameters()}

@@ -96,7 +96,7 @@ class ModelReport(L.Callback):
     def _send(self, trainer: L.Trainer, report: Report) -> None:
         """The numbers to every logger at the current step; W&B also keeps them in the run's
         summary (shown in its runs table)."""
-        metrics = report.as_metrics()
+        metrics: dict[str, float] = dict(report.as_metrics())  # the loggers' type: int counts
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 from torch.nn.utils import get_total_norm
 
 from lightning_mtl.nonfinite import KEY, LossCheck, NonFiniteError, NonFinitePolicy, check_weights
+
+if TYPE_CHECKING:  # the module imports this callback; its hooks are written for that module
+    from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,9 @@ class NonFiniteGuard(L.Callback):
         if batch_idx % trainer.accumulate_grad_batches:  # not a window's first micro-batch
             return
         self._tasks, self._skip = {}, False
-        self._balancer = {k: v.clone() for k, v in pl_module.weighting.state_dict().items()}
-        self._buffers = [(b, b.detach().clone()) for b in pl_module.net.buffers()]
+        module = cast("MultiTaskModule", pl_module)
+        self._balancer = {k: v.clone() for k, v in module.weighting.state_dict().items()}
+        self._buffers = [(b, b.detach().clone()) for b in module.net.buffers()]
 
     def skips_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -161,7 +165,7 @@ class NonFiniteGuard(L.Callback):
         """The balancer's state (when the step is skipped) and the network's buffers (all of
         them, or those that became non-finite) as they were at the window's start."""
         if every_buffer and self._balancer is not None:
-            pl_module.weighting.load_state_dict(self._balancer)
+            cast("MultiTaskModule", pl_module).weighting.load_state_dict(self._balancer)
         floats = [(b, saved) for b, saved in self._buffers if b.is_floating_point()]
         if every_buffer:
             chosen = self._buffers
@@ -179,11 +183,12 @@ class NonFiniteGuard(L.Callback):
         check_weights(
             pl_module,
             f"at the end of training (step {trainer.global_step})",
-            pl_module.net.named_buffers(prefix="net"),
+            cast("MultiTaskModule", pl_module).net.named_buffers(prefix="net"),
         )
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_weights(pl_module, "before testing", pl_module.net.named_buffers(prefix="net"))
+        buffers = cast("MultiTaskModule", pl_module).net.named_buffers(prefix="net")
+        check_weights(pl_module, "before testing", buffers)
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

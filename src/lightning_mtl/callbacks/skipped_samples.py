@@ -22,7 +22,8 @@ class SkippedSamples(L.Callback):
 
     @staticmethod
     def _skipped(trainer: L.Trainer) -> dict[str, int] | None:
-        datamodule = trainer.datamodule
+        # set by Lightning's data connector, not declared on Trainer
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if getattr(datamodule, "on_bad_sample", None) != "skip":
             return None
         return datamodule.bad_samples.skipped

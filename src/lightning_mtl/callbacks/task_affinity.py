@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -30,6 +30,9 @@ from torch import nn
 from lightning_mtl.diagnostics.affinity import format_affinity, lookahead_affinity
 from lightning_mtl.models.meeting import Meeting
 from lightning_mtl.weighting.meetings import LeafGrads, task_gradient
+
+if TYPE_CHECKING:  # the module imports the callbacks
+    from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,8 @@ class TaskAffinityMonitor(L.Callback):
         if lr is None:
             return
         start = time.perf_counter()
-        measured = self.measure(pl_module, record, pending[1], lr, trainer.world_size)
+        module = cast("MultiTaskModule", pl_module)  # it keeps a step record: a MultiTaskModule
+        measured = self.measure(module, record, pending[1], lr, trainer.world_size)
         if measured is None:
             return
         names, matrix = measured
@@ -230,7 +234,7 @@ class TaskAffinityMonitor(L.Callback):
 
     def measure(
         self,
-        pl_module: L.LightningModule,
+        pl_module: MultiTaskModule,
         record: Any,
         batch: Mapping[str, Any],
         lr: float | Mapping[int, float],

@@ -9,7 +9,6 @@ from lightning_mtl.checkpointing.files import (
 )
 from lightning_mtl.checkpointing.resume import (
     newest_checkpoint,
-    register_resolvers,
     resolve_ckpt_path,
     run_folder,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "atomic_save",
     "newest_checkpoint",
     "read_checkpoint",
-    "register_resolvers",
     "resolve_ckpt_path",
     "run_folder",
     "with_safe_checkpoint_io",

@@ -102,24 +102,33 @@ def _load_problem(error: Exception) -> str:
     return f"unreadable, truncated or corrupt ({type(error).__name__} while reading it)"
 
 
-def atomic_save(checkpoint: dict[str, Any], path: _PATH) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``: a
-    kill at any moment leaves either the previous file or the new one, never a partial file.
-    (A temporary file in the same folder is on the same filesystem, so the rename is atomic.)"""
+def atomic_write(path: _PATH, write: Callable[[Any], None], *, durable: bool = True) -> None:
+    """``write(file)`` into a temporary file in the target's folder, then ``os.replace``: a kill
+    at any moment, or a reader on another rank, sees either the previous file or the new one,
+    never a partial file. (A temporary file in the same folder is on the same filesystem, so the
+    rename is atomic.) ``durable``: fsync the file and the folder, so the rename survives a
+    crash of the machine too (checkpoints; not needed for prediction files)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
     try:
         with temporary.open("xb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
+            write(file)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _fsync_folder(target.parent)
+    if durable:
+        _fsync_folder(target.parent)
+
+
+def atomic_save(checkpoint: dict[str, Any], path: _PATH) -> None:
+    """``torch.save`` with :func:`atomic_write`, durable."""
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -156,7 +165,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self,
         path: _PATH,
-        map_location: Callable | Any = lambda storage, loc: storage,
+        map_location: Callable[..., Any] | Any = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if weights_only is False:

@@ -1,7 +1,7 @@
 """Where a resumed run continues and from which checkpoint.
 
 A run's checkpoints live in ``<run>/checkpoints/``. Resuming keeps the run in ``<run>`` (the
-``mtl_run_dir`` resolver of ``configs/hydra/default.yaml``), so the checkpoint callbacks find
+``mtl_run_dir`` resolver of ``configs/hydra/default.yaml``, registered by ``utils.run_folders``), so the checkpoint callbacks find
 their own folder again and Lightning restores their state (the best checkpoint so far among it):
 the final test uses the run's true best checkpoint. ``ckpt_path`` accepts
 
@@ -52,12 +52,6 @@ def output_dir(default: str, *, _root_: DictConfig) -> str:
         return default
     folder = run_folder(OmegaConf.select(_root_, "ckpt_path", throw_on_missing=False))
     return str(folder) if folder is not None else default
-
-
-def register_resolvers() -> None:
-    """Register ``mtl_run_dir`` (before Hydra composes a config that uses it)."""
-    if not OmegaConf.has_resolver("mtl_run_dir"):
-        OmegaConf.register_new_resolver("mtl_run_dir", output_dir)
 
 
 def newest_checkpoint(folder: Path, *, for_training: bool = True) -> Path | None:

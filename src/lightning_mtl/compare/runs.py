@@ -168,7 +168,10 @@ def collect_runs(sweep_dir: Path | str, failures: Mapping[str, str] | None = Non
     expected = expected_jobs(sweep_dir)
     if expected is not None:  # in the sweep's order, with a row for each job that never ran
         found = {frozenset(run.overrides): run for run in runs}
-        ordered = [found.pop(frozenset(job), None) or _never_ran(job) for job in expected]
+        ordered = [
+            ran if (ran := found.pop(frozenset(job), None)) is not None else _never_ran(job)
+            for job in expected
+        ]
         runs = ordered + list(found.values())  # directories of no expected job, last
     label_runs(runs)
     return runs

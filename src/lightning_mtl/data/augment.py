@@ -73,7 +73,7 @@ class Normals(tv_tensors.TVTensor):
     only :class:`DenseAugment`'s transforms are used on it."""
 
     def __new__(cls, data: Any) -> Normals:
-        return torch.as_tensor(data).as_subclass(cls)  # type: ignore[return-value]
+        return torch.as_tensor(data).as_subclass(cls)
 
 
 def unit_normals(normals: torch.Tensor) -> torch.Tensor:

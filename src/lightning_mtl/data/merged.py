@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -48,9 +48,12 @@ from lightning_mtl.data.inputs import (
 from lightning_mtl.data.sampling import SAMPLING_OPTIONS, MultiSourceSampler
 from lightning_mtl.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # the sources import this package
+    from lightning_mtl.data.sources.base import SourceDataset
+
 log = logging.getLogger(__name__)
 
-SourceFactory = Callable[..., Dataset]
+SourceFactory = Callable[..., Dataset[Any]]
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: how many samples of a source are tried for a good one (example batch, an all-bad batch)
 EXAMPLE_TRIES = 1000
@@ -68,7 +71,7 @@ class MergedDataset(Dataset[list[dict[str, Any]]]):
 
     def __init__(
         self,
-        datasets: Sequence[Dataset],
+        datasets: Sequence[Dataset[Any]],
         renames: Sequence[Mapping[str, str]] | None = None,
         names: Sequence[str] | None = None,
         split: str = "train",
@@ -90,7 +93,8 @@ class MergedDataset(Dataset[list[dict[str, Any]]]):
         dataset = self.datasets[source]
         try:
             if draw is not None and self.reads_draws[source]:
-                item = dataset.load(index, draw)
+                # a source that reads draws has load(index, draw): see _reads_draws
+                item = cast("SourceDataset", dataset).load(index, draw)
             else:
                 item = dataset[index]
             check_finite(item)
@@ -117,7 +121,7 @@ class MergedDataset(Dataset[list[dict[str, Any]]]):
         return sum(self.sizes())
 
 
-def _reads_draws(dataset: Dataset) -> bool:
+def _reads_draws(dataset: Dataset[Any]) -> bool:
     """Whether a source reads with ``load(index, draw)`` (the contract of ``sources/base.py``;
     not the base class's placeholder)."""
     from lightning_mtl.data.sources.base import SourceDataset  # the sources import this package
@@ -195,7 +199,7 @@ def _stack(samples: Sequence[Mapping[str, Any]], names: Sequence[str] | None) ->
     }
 
 
-class TrainLoader(DataLoader):
+class TrainLoader(DataLoader[Any]):
     """The training loader. Its position is saved and restored by the data module only
     (:meth:`MergedDataModule.state_dict`), the one path that works in every case: Lightning
     restores a data module before it builds the loaders, but restores a loader's own state only
@@ -424,7 +428,7 @@ class MergedDataModule(L.LightningDataModule):
             )
         return self.splits[split]
 
-    def _targets_of(self, dataset: Dataset, name: str) -> list[str]:
+    def _targets_of(self, dataset: Dataset[Any], name: str) -> list[str]:
         rename = self.renames[name]
         keys = getattr(dataset, "target_names", None)
         if keys is None:
@@ -513,7 +517,9 @@ class MergedDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is None:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        # a _ProcessedTracker at run time; Lightning declares its base class there
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        return int(current.processed)  # type: ignore[attr-defined]
 
     def train_sampler(self) -> MultiSourceSampler:
         rank, world_size = self._rank()
@@ -569,14 +575,15 @@ class MergedDataModule(L.LightningDataModule):
             return "val"
         return "train" if stage in (RunningStage.TRAINING, None) else str(stage.value)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         sampler = self.train_sampler()
         if self._resume is not None:  # restored from a checkpoint: continue where it stopped
             self._apply_resume(sampler)
             self._resume = None
         self._sampler = sampler
         trainer = self._trainer_or_none()
-        if trainer is not None and trainer.overfit_batches:
+        # overfit_batches: set by Lightning's data connector, not declared on Trainer
+        if trainer is not None and trainer.overfit_batches:  # type: ignore[attr-defined]
             # Lightning swaps the sampler for a sequential one when overfitting: hand it a fixed
             # list of this rank's batches (the first epoch's) to read in order
             batches = [sampler.rank_slice(b) for b in sampler.global_batches(0)]
@@ -598,7 +605,7 @@ class MergedDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
+    def _eval_loaders(self, split: str) -> list[DataLoader[Any]]:
         """One loader per source, in order: metrics per source come from the loader index.
 
         Each sample is evaluated once: batch j goes to rank ``j mod world_size``. Lightning
@@ -625,10 +632,10 @@ class MergedDataModule(L.LightningDataModule):
             )
         return loaders
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[DataLoader[Any]]:
         return self._eval_loaders("val")
 
-    def test_dataloader(self) -> list[DataLoader]:
+    def test_dataloader(self) -> list[DataLoader[Any]]:
         return self._eval_loaders("test")
 
 
@@ -639,7 +646,7 @@ def _even_parts(items: list[tuple[int, int]], parts: int) -> list[list[tuple[int
     return [items[bounds[j] : bounds[j + 1]] for j in range(parts)]
 
 
-class _ShardedBatches(DistributedSampler):
+class _ShardedBatches(DistributedSampler[int]):
     """Batch j goes to rank ``j mod world_size``: every evaluation batch is read exactly once
     (Lightning's DistributedSampler would pad with repeats, counting some samples twice). Ranks
     may get one batch more than others; evaluation has no collective inside a step."""

@@ -54,7 +54,7 @@ MIXING = ("mixed", "homogeneous")
 SAMPLING_OPTIONS = ("strategy", "mixing", "tau", "steps_per_epoch", "drop_last")
 
 
-class Key(tuple):
+class Key(tuple[int, int]):
     """A training sample's key: the pair ``(source, index)`` (it compares, hashes and unpacks as
     that pair) that also carries ``draw``, the item's position in its source's stream."""
 
@@ -65,7 +65,7 @@ class Key(tuple):
         key.draw = draw
         return key
 
-    def __getnewargs__(self) -> tuple[int, int, int]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[int, int, int]:
         return (self[0], self[1], self.draw)  # pickled to DataLoader workers
 
 
@@ -125,7 +125,7 @@ def stream_slice(seed: int, source: int, size: int, start: int, count: int) -> n
     return out
 
 
-class MultiSourceSampler(DistributedSampler):
+class MultiSourceSampler(DistributedSampler[list[tuple[int, int]]]):
     """Yields, for this rank, one list of ``(source, index)`` per step (see the module docstring).
 
     It is a ``DistributedSampler`` so that Lightning does not inject another one: it shards the
@@ -219,7 +219,7 @@ class MultiSourceSampler(DistributedSampler):
         return self._cache[1]
 
     def _build(self, epoch: int) -> list[list[tuple[int, int]]]:
-        per_source = [
+        per_source: list[list[tuple[int, int]]] = [
             [
                 Key(s, int(i), epoch * c + j)
                 for j, i in enumerate(stream_slice(self.seed, s, n, epoch * c, c))

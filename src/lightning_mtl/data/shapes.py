@@ -81,7 +81,7 @@ class ShapesDataset(Dataset[dict[str, Any]]):
     ``normalization``: the statistics applied to the images (None: the generated data's own).
     """
 
-    target_names = ("segmentation", "depth", "count", "dominant_color", "colors")
+    target_names: tuple[str, ...] = ("segmentation", "depth", "count", "dominant_color", "colors")
     num_classes = {"segmentation": 1 + len(SHAPES), "dominant_color": len(PALETTE)}
     num_labels = {"colors": len(PALETTE)}
 

@@ -159,7 +159,7 @@ def _losses(history: History) -> Figure | None:
         if train in history:
             series = history[train].finite()
             window = max(1, min(50, len(series) // 10))
-            raw = {"alpha": 0.3, "lw": 0.8} if window > 1 else {}
+            raw: dict[str, Any] = {"alpha": 0.3, "lw": 0.8} if window > 1 else {}
             (line,) = ax.plot(series.steps, series.values, label="train", **raw)
             if window > 1:
                 ax.plot(
@@ -271,6 +271,7 @@ def _grad_conflict(history: History, steps: Sequence[int] | None) -> Figure | No
     image = None
     for ax, (matrix, title) in zip(axes, panels, strict=True):
         image = draw_conflict(ax, names, matrix, title)
+    assert image is not None  # panels holds the mean matrix at least
     figure.colorbar(image, ax=list(axes), fraction=0.03)
     figure.suptitle("task-gradient cosine")
     FigureCanvasAgg(figure)
@@ -343,8 +344,12 @@ def _chosen_steps(measured: list[int], steps: Sequence[int] | None) -> list[int]
         wanted = [measured[0], measured[len(measured) // 2], measured[-1]]
     else:
         wanted = list(steps)
-    nearest = {min(measured, key=lambda m, s=s: (abs(m - s), m)) for s in wanted}
-    return sorted(nearest)
+    return sorted({_nearest(measured, s) for s in wanted})
+
+
+def _nearest(measured: list[int], step: int) -> int:
+    """The measuring step nearest to ``step`` (the earlier one of two equally near)."""
+    return min(measured, key=lambda m: (abs(m - step), m))
 
 
 # ---------------------------------------------------------------------------------- layout

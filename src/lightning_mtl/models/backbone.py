@@ -32,10 +32,10 @@ never touches the network.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.models.stages import StagePlan, skip_checkpoint, stage_plan
+from lightning_mtl.models.stages import StagePlan, TimmFeatures, skip_checkpoint, stage_plan
 from lightning_mtl.models.weights import check_backbone_name, hub_offline, missing_weights_message
 
 
@@ -75,6 +75,8 @@ class FeatureInfo:
 
 class Backbone(nn.Module):
     """The shared trunk. ``channels`` and ``reductions`` describe ``maps`` for the heads."""
+
+    model: TimmFeatures  # timm's features model, read duck-typed (see models/stages.py)
 
     def __init__(
         self,
@@ -193,7 +195,7 @@ class Backbone(nn.Module):
         return params
 
     def run_stage(
-        self, stage: int, x: torch.Tensor, modules: Sequence[nn.Module] | None = None
+        self, stage: int, x: torch.Tensor, modules: Iterable[nn.Module] | None = None
     ) -> torch.Tensor:
         """Run ``stage`` on ``x`` (the images for stage 0); ``modules``: a copy of the stage's
         modules to run instead of the backbone's own (branches, experts)."""
@@ -244,14 +246,16 @@ class Backbone(nn.Module):
         start: int,
         end: int,
         x: torch.Tensor | None = None,
-        copies: Sequence[Sequence[nn.Module]] | None = None,
+        copies: nn.ModuleList | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run stages ``[start, end)`` from ``x`` (the images when start is 0); return the last
-        output and the maps emitted on the way. ``copies[i]`` replaces stage ``start + i``."""
+        output and the maps emitted on the way. ``copies[i]`` (a ``ModuleList`` per stage, as
+        :meth:`split` returns) replaces stage ``start + i``."""
         x = images if x is None else x
         maps = []
         for stage in range(start, end):
-            x = self.run_stage(stage, x, None if copies is None else copies[stage - start])
+            own = None if copies is None else cast(nn.ModuleList, copies[stage - start])
+            x = self.run_stage(stage, x, own)
             if self.stage_emits(stage) is not None:
                 maps.append(self.emit(x, images.shape[-2:]))
         return x, maps

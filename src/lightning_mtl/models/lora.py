@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class LoRALayer(nn.Module):
 
     def __init__(
         self,
-        base: nn.Module,
+        base: nn.Linear | nn.Conv2d,
         ranks: Mapping[str, int],
         switch: TaskSwitch,
         alpha: float | None = None,
@@ -48,28 +49,31 @@ class LoRALayer(nn.Module):
         self.switch = switch
         self.scaling = {t: (alpha if alpha is not None else r) / r for t, r in ranks.items()}
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.down = nn.ModuleDict({t: self._down(base, r) for t, r in ranks.items()})
-        self.up = nn.ModuleDict({t: self._up(base, r) for t, r in ranks.items()})
+        down = {t: self._down(base, r) for t, r in ranks.items()}
+        up = {t: self._up(base, r) for t, r in ranks.items()}
         for task in ranks:
-            nn.init.kaiming_uniform_(self.down[task].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up[task].weight)
+            nn.init.kaiming_uniform_(down[task].weight, a=math.sqrt(5))
+            nn.init.zeros_(up[task].weight)
+        self.down = nn.ModuleDict(down)
+        self.up = nn.ModuleDict(up)
 
     @staticmethod
-    def _down(base: nn.Module, rank: int) -> nn.Module:
+    def _down(base: nn.Linear | nn.Conv2d, rank: int) -> nn.Linear | nn.Conv2d:
         if isinstance(base, nn.Linear):
             return nn.Linear(base.in_features, rank, bias=False)
+        padding = base.padding
         return nn.Conv2d(
             base.in_channels,
             rank,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
+            _pair(base.kernel_size),
+            stride=_pair(base.stride),
+            padding=padding if isinstance(padding, str) else _pair(padding),
+            dilation=_pair(base.dilation),
             bias=False,
         )
 
     @staticmethod
-    def _up(base: nn.Module, rank: int) -> nn.Module:
+    def _up(base: nn.Linear | nn.Conv2d, rank: int) -> nn.Linear | nn.Conv2d:
         if isinstance(base, nn.Linear):
             return nn.Linear(rank, base.out_features, bias=False)
         return nn.Conv2d(rank, base.out_channels, 1, bias=False)
@@ -82,7 +86,13 @@ class LoRALayer(nn.Module):
         return y + self.up[task](self.down[task](self.dropout(x))) * self.scaling[task]
 
 
-def adaptable(module: nn.Module, layers: tuple[str, ...]) -> bool:
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (height, width) option: torch types them ``tuple[int, ...]``."""
+    height, width = value
+    return height, width
+
+
+def adaptable(module: nn.Module, layers: tuple[str, ...]) -> TypeGuard[nn.Linear | nn.Conv2d]:
     """Whether ``module`` gets adapters: a Linear, or an ungrouped Conv2d (not depthwise)."""
     if isinstance(module, nn.Linear):
         return "linear" in layers

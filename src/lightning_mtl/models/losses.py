@@ -42,6 +42,8 @@ class CrossEntropy(nn.Module):
 class BinaryCrossEntropy(nn.Module):
     """Sigmoid binary cross-entropy on logits, for multi-label tasks (``pos_weight`` optional)."""
 
+    pos_weight: torch.Tensor | None  # a non-persistent buffer (None: no weighting)
+
     def __init__(self, pos_weight: list[float] | None = None) -> None:
         super().__init__()
         weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32)

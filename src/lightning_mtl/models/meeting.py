@@ -107,15 +107,14 @@ def task_views(
     for meeting in meetings:
         if meeting.leaves is meeting.tensors or task not in meeting.place.tasks:
             continue
-        index = [
+        found = [
             next((i for i, leaf in enumerate(meeting.leaves) if leaf is t), None) for t in tensors
         ]
-        if None in index or not all(meeting.leaves[i].requires_grad for i in index):
+        index = [i for i in found if i is not None]
+        if len(index) < len(found) or not all(meeting.leaves[i].requires_grad for i in index):
             continue
-        views: list[torch.Tensor | None] = [None] * len(meeting.leaves)
-        for i in index:
-            if views[i] is None:
-                views[i] = meeting.leaves[i].view_as(meeting.leaves[i])
-        meeting.views[task] = views
-        return [views[i] for i in index]
+        # one alias per leaf read (a leaf read twice gets one alias), in the order first read
+        aliases = {i: meeting.leaves[i].view_as(meeting.leaves[i]) for i in dict.fromkeys(index)}
+        meeting.views[task] = [aliases.get(i) for i in range(len(meeting.leaves))]
+        return [aliases[i] for i in index]
     return list(tensors)

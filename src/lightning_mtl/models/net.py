@@ -16,7 +16,7 @@ from lightning_mtl.models.meeting import Meeting, task_views
 
 class MultiTaskNet(nn.Module):
     """``forward(images) -> {task: output}``; a plain ``nn.Module``, usable in any PyTorch loop
-    (see the benchmarks and the README)."""
+    (see the benchmarks and docs/weighting.md, "A balancer in a plain PyTorch loop")."""
 
     def __init__(self, architecture: Architecture, heads: Mapping[str, nn.Module]) -> None:
         super().__init__()

@@ -14,8 +14,18 @@ Models whose features come from hooks have no plan (``None``): they serve hard s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+#: A timm ``features_only`` model: ``FeatureListNet``, ``FeatureDictNet``, ``FeatureGetterNet`` or
+#: a family's own features class (``EfficientNetFeatures``, ``MobileNetV3Features``, ...). They
+#: share no typed base beyond ``nn.Module``, so they are read duck-typed (their type name and
+#: ``hasattr`` select the attributes read), hence ``Any``.
+TimmFeatures: TypeAlias = Any
 
 
 @dataclass
@@ -26,15 +36,16 @@ class StagePlan:
     emits: list[int | None]
     channels: list[int]
     loose_parameters: list[nn.Parameter]  # a ViT's class token, position embedding, ...
-    vit: nn.Module | None = None
+    vit: VisionTransformer | None = None
     edge_modules: tuple[nn.Module, ...] = ()  # never checkpointed (as timm's FeatureListNet)
     split_at: int | None = None  # stages from here on were taken out (Backbone.split)
 
-    def remove(self, model: nn.Module, at: int) -> None:
+    def remove(self, model: TimmFeatures, at: int) -> None:
         """Drop stages ``[at, ...)`` from ``model`` and from this plan."""
         dropped = {id(m) for stage in self.modules[at:] for m in stage}
         if self.vit is not None:
-            self.vit.blocks = self.vit.blocks[: at - 1]
+            # a slice of a Sequential is a Sequential (torch types __getitem__ for both cases)
+            self.vit.blocks = cast(nn.Sequential, self.vit.blocks[: at - 1])
         else:
             container = model.blocks if hasattr(model, "conv_stem") else model
             names = [n for n, m in container.named_children() if id(m) in dropped]
@@ -51,7 +62,7 @@ class StagePlan:
         self.split_at = at
 
 
-def stage_plan(model: nn.Module) -> StagePlan | None:
+def stage_plan(model: TimmFeatures) -> StagePlan | None:
     """Cut a timm features model into stages, or None for families that cannot be."""
     kind = type(model).__name__
     if kind in {"FeatureListNet", "FeatureDictNet"}:
@@ -71,7 +82,7 @@ def stage_plan(model: nn.Module) -> StagePlan | None:
 
 
 def _sequential_plan(
-    model: nn.Module, named: list[tuple[str, nn.Module]], return_layers: dict[str, str]
+    model: TimmFeatures, named: list[tuple[str, nn.Module]], return_layers: dict[str, str]
 ) -> StagePlan | None:
     info = model.feature_info
     channels_by_level = list(info.channels())
@@ -91,7 +102,7 @@ def _sequential_plan(
     return StagePlan(modules, emits, channels_by_level[: len(modules)], loose, None, edges)
 
 
-def _vit_plan(getter: nn.Module) -> StagePlan | None:
+def _vit_plan(getter: TimmFeatures) -> StagePlan | None:
     from timm.models.vision_transformer import VisionTransformer
 
     vit = getter.model

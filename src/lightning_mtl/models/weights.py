@@ -1,6 +1,6 @@
 """Loading a timm backbone's weights offline, and a clear error for a name timm does not know.
 
-Two offline sources (see the README's "Backbones" section): a state-dict file
+Two offline sources (see "Backbones" in docs/configuration.md): a state-dict file
 (``model.backbone.weights_file``, through timm's ``pretrained_cfg_overlay``), or the local Hugging
 Face cache as timm fills it (``model.backbone.cache_dir``, else ``$HF_HUB_CACHE``).
 """

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lightning_mtl.errors import ConfigError
+
+if TYPE_CHECKING:  # the module imports this one
+    from lightning_mtl.module import MultiTaskModule
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 
@@ -54,14 +57,14 @@ class GroupRules:
             raise ConfigError(f"model.backbone_lr_scale={self.backbone_lr_scale}: expected >= 0")
 
 
-def group_rules(module: nn.Module) -> GroupRules:
+def group_rules(module: MultiTaskModule) -> GroupRules:
     """The rules of a ``MultiTaskModule``: its ``model.*`` options and the optimizer's ``lr``."""
     hparams = module.hparams
     return GroupRules(
         lr=getattr(module.make_optimizer, "keywords", {}).get("lr"),
-        backbone_lr_scale=hparams.backbone_lr_scale,
-        layer_decay=hparams.layer_decay,
-        no_decay_norm_bias=hparams.no_decay_norm_bias,
+        backbone_lr_scale=hparams["backbone_lr_scale"],
+        layer_decay=hparams["layer_decay"],
+        no_decay_norm_bias=hparams["no_decay_norm_bias"],
     )
 
 
@@ -76,7 +79,8 @@ def split_decay(
     named: Iterable[tuple[str, nn.Parameter]], rules: GroupRules
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(with weight decay, without): biases, 1-D weights and ViT embeddings go without."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in named:
         leaf = name.rsplit(".", 1)[-1]
         skip = param.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES
@@ -106,7 +110,7 @@ def _groups(
 
 
 def stage_groups(
-    module: nn.Module, stage: int, rules: GroupRules, exclude: set[int] | None = None
+    module: MultiTaskModule, stage: int, rules: GroupRules, exclude: set[int] | None = None
 ) -> list[dict[str, Any]]:
     """The groups of backbone stage ``stage`` (its trainable parameters not in ``exclude``, a
     set of ``id(parameter)``)."""
@@ -118,7 +122,7 @@ def stage_groups(
     return _groups(f"stage{stage}", named, rules, stage_lr(rules, stage, len(stages)))
 
 
-def optimizer_groups(module: nn.Module, rules: GroupRules) -> list[dict[str, Any]]:
+def optimizer_groups(module: MultiTaskModule, rules: GroupRules) -> list[dict[str, Any]]:
     """Every group of ``module`` (a ``MultiTaskModule``): stages, new layers, heads, balancer."""
     rules.check()
     architecture = module.net.architecture

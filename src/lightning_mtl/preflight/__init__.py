@@ -157,7 +157,7 @@ def _build_and_check(cfg: DictConfig) -> list[Problem]:
 
 def root_error(error: BaseException) -> BaseException:
     """The template's own error inside Hydra's instantiation wrappers, else ``error``."""
-    from lightning_mtl.utils.setup import config_error_in
+    from lightning_mtl.errors import config_error_in
 
     return config_error_in(error) or error
 

@@ -167,6 +167,8 @@ class LabelRule:
     def check_table(self, where: str, values: torch.Tensor) -> None:
         """Every sample's label at once (``label_values``, one row per sample)."""
         values = torch.as_tensor(values)
+        if values.numel() == 0:  # no sample of this split labels the task: nothing to check
+            return
         rows = values.reshape(len(values), -1) if values.dim() else values.reshape(1, 1)
         bad = self.bad_mask(rows)
         if bad.any():

@@ -101,7 +101,8 @@ def scan_data(
     rules = [LabelRule(task) for task in tasks]
     plans = [_plan(part, rules, options, problems, stats) for part in parts]
     total = sum(len(p.verify_indices) + len(p.read_indices) for p in plans)
-    show = options.progress and rank_zero_only.rank == 0 and total > 0
+    # Lightning sets ``rank`` on the function (this process's global rank)
+    show = options.progress and rank_zero_only.rank == 0 and total > 0  # type: ignore[attr-defined]
     with tqdm(total=total, desc="pre-flight", unit="sample", disable=not show, leave=False) as bar:
         for plan in plans:
             _run(plan, problems, stats, bar)

@@ -248,7 +248,7 @@ def expand(cfg: DictConfig, pattern: str) -> Iterator[str]:
         except OmegaConfBaseException:  # an unresolvable level: its leaves report it
             continue
         if isinstance(child, DictConfig):
-            yield from (f"{key}.{sub}" for sub in expand(child, rest))
+            yield from (f"{key!s}.{sub}" for sub in expand(child, rest))
 
 
 def schema_problems(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> list[Problem]:

@@ -22,7 +22,7 @@ class SplitSource:
 
     source: str
     split: str
-    dataset: Dataset
+    dataset: Dataset[Any]
     rename: Mapping[str, str] = field(default_factory=dict)
 
     @property

@@ -18,11 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from lightning_mtl.results.output import markdown, write_csv
 from lightning_mtl.results.record import (
     STORE_ENV,
+    load_run_config,
     read_run_folder,
     records_from_wandb,
     run_folders,
@@ -103,7 +102,7 @@ def _add(paths: list[Path], store_path: Path) -> int:
     for folder in folders:
         try:
             record = read_run_folder(folder)
-            why = unrecordable(OmegaConf.load(folder / ".hydra" / "config.yaml"), record.values)
+            why = unrecordable(load_run_config(folder / ".hydra" / "config.yaml"), record.values)
         except (OSError, ValueError) as error:
             print(f"skipped {folder}: {error}")
             continue
@@ -146,4 +145,4 @@ def _log_wandb_table(project: str, table_csv: Path) -> None:
         header, *rows = list(csv.reader(handle))
     entity, _, name = project.rpartition("/")
     with wandb.init(project=name, entity=entity or None, job_type="report") as run:
-        run.log({"results": wandb.Table(columns=header, data=rows)})
+        run.log({"results": wandb.Table(columns=[*header], data=rows)})

@@ -27,7 +27,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -249,7 +249,7 @@ def _container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         container = OmegaConf.to_container(cfg, resolve=False)
         assert isinstance(container, dict)
-        return container
+        return cast("dict[str, Any]", container)  # a run's config: string keys
     return dict(cfg)
 
 

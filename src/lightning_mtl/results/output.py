@@ -72,8 +72,8 @@ def write_csv(comparisons: Sequence[Comparison], path: Path) -> None:
                     row.label,
                     len(row.runs),
                     ";".join(str(s) for s in row.seeds),
-                    0.0 if row is comparison.baseline else _value(delta and delta.mean),
-                    _value(delta and delta.std),
+                    0.0 if row is comparison.baseline else _value(delta.mean if delta else None),
+                    _value(delta.std if delta else None),
                     ";".join("" if d is None else repr(d) for d in row.deltas),
                     _value(row.rank),
                     _value(row.step_ms),
@@ -81,7 +81,10 @@ def write_csv(comparisons: Sequence[Comparison], path: Path) -> None:
                 ]
                 for column in columns:
                     summary = row.metrics.get(column)
-                    cells += [_value(summary and summary.mean), _value(summary and summary.std)]
+                    if summary is None:
+                        cells += [_value(None), _value(None)]
+                    else:
+                        cells += [_value(summary.mean), _value(summary.std)]
                 writer.writerow(cells)
 
 

@@ -109,7 +109,15 @@ def read_run_folder(run_dir: Path) -> RunRecord:
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir}: no {path.relative_to(run_dir)} ({what})")
     values = kept(read_metrics(metrics))
-    return record_from_config(OmegaConf.load(config), run_dir.resolve(), values, "unknown")
+    return record_from_config(load_run_config(config), run_dir.resolve(), values, "unknown")
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run's saved config (``.hydra/config.yaml``): a mapping, else a ValueError naming it."""
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: expected a mapping of config keys, got a list")
+    return cfg
 
 
 def run_folders(paths: Iterable[Path]) -> list[Path]:

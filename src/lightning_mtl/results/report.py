@@ -287,7 +287,7 @@ def _rank(rows: list[MethodRow], columns: list[str]) -> None:
     ranks: dict[str, list[float]] = {row.label: [] for row in rows}
     for column in columns:
         direction = higher_is_better(column)
-        scored = [(row.metrics[column].mean, row.label) for row in rows if row.metrics.get(column)]
+        scored = [(summary.mean, row.label) for row in rows if (summary := row.metrics.get(column))]
         if direction is None or len(scored) < 2:
             continue
         ordered = sorted(scored, key=lambda item: -item[0] if direction else item[0])

@@ -1,14 +1,13 @@
-"""What ``train.py`` and ``eval.py`` share: locating configs, instantiating lists, printing."""
+"""What the entry points share once a config is composed: instantiating lists, extras, logging the
+config, printing it."""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -17,26 +16,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mtl.checkpointing.resume import register_resolvers
+# where the configs and the project root are (light, for the console scripts), re-exported here
+from lightning_mtl.errors import config_error_in as config_error_in
+from lightning_mtl.errors import report_error as report_error
+from lightning_mtl.utils.locations import CONFIG_DIR as CONFIG_DIR
+from lightning_mtl.utils.locations import PACKAGE_DIR as PACKAGE_DIR
+from lightning_mtl.utils.locations import PROJECT_ROOT as PROJECT_ROOT
+from lightning_mtl.utils.locations import configure_environment as configure_environment
 
 log = logging.getLogger(__name__)
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-PROJECT_ROOT = PACKAGE_DIR.parents[1]
-CONFIG_DIR = PROJECT_ROOT / "configs"
-
-
-def configure_environment() -> str:
-    """Point ``PROJECT_ROOT`` at the repository, register the configs' resolvers and return the
-    config directory for Hydra."""
-    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
-    register_resolvers()  # mtl_run_dir: a resumed run continues in its own folder
-    if not CONFIG_DIR.is_dir():
-        raise FileNotFoundError(
-            f"no configs/ folder at {CONFIG_DIR}: install the project in editable mode "
-            "(`uv sync` does) or pass `--config-dir /path/to/configs`"
-        )
-    return str(CONFIG_DIR)
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -83,31 +71,6 @@ def drop_callbacks_that_need_a_logger(callbacks: list[Any], loggers: list[Any]) 
     return kept
 
 
-def config_error_in(error: BaseException) -> BaseException | None:
-    """The template's own error (a ConfigError, DataError or TrainingError) that ``error`` is or
-    wraps (Hydra wraps what a ``_target_`` raises in an InstantiationException); None if there
-    is none."""
-    from lightning_mtl.errors import ConfigError, TrainingError
-
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, ConfigError | TrainingError):
-            return current
-        current = current.__cause__
-    return None
-
-
-def report_error(error: BaseException) -> None:
-    """A template error for a user: its message on stderr and in the run's log file, no trace
-    (the message names the key or file and what was expected)."""
-    message = f"{type(error).__name__}: {error}"
-    print(message, file=sys.stderr)
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
 def example_batch(datamodule: L.LightningDataModule) -> dict[str, Any]:
     """A small real batch to check the tasks against: ``datamodule.example_batch()`` if it has
     one, else the first validation batch."""
@@ -126,7 +89,7 @@ def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer) -> None:
     params = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(params, dict)
     for logger in trainer.loggers:
-        logger.log_hyperparams(params)
+        logger.log_hyperparams(cast("dict[str, Any]", params))  # a config: string keys
 
 
 @rank_zero_only
@@ -140,7 +103,7 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
     for field in fields:
-        branch = tree.add(field, style="bold", guide_style="dim")
+        branch = tree.add(str(field), style="bold", guide_style="dim")
         value = cfg[field]
         text = (
             OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)

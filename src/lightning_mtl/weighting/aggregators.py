@@ -33,10 +33,12 @@ each: ``cagrad.py``, ``imtl_aligned.py``, ``dual_cone.py``, ``fairgrad.py``, ``n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 from torchjd import aggregation as jd
+from torchjd.linalg import PSDMatrix
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.weighting.base import StepContext
@@ -157,15 +159,16 @@ class TorchJDWeighting(GradientWeighting):
     present tasks (a preference vector restricted to them).
     """
 
-    _rule: jd.Weighting
+    _rule: jd.Weighting[PSDMatrix]
 
-    def rule(self, present: list[int]) -> jd.Weighting:
+    def rule(self, present: list[int]) -> jd.Weighting[PSDMatrix]:
         return self._rule
 
     def gram_weights(
         self, gram: torch.Tensor, present: list[int], losses: torch.Tensor, context: StepContext
     ) -> torch.Tensor:
-        return self.rule(present)(gram)
+        # the present tasks' Gram matrix J Jᵀ: torchjd's PSDMatrix is a static type only
+        return self.rule(present)(cast(PSDMatrix, gram))
 
 
 class PreferenceWeighting(GradientWeighting):

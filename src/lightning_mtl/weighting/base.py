@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -98,8 +97,9 @@ class Weighting(nn.Module):
 
     reads_loss_values: bool = False
     needs_gradients: bool = False
-    #: extra options (e.g. ``lr``) of the optimizer's parameter group of this balancer's parameters
-    optimizer_options: ClassVar[Mapping[str, float]] = MappingProxyType({})
+    #: extra options (e.g. ``lr``) of the optimizer's parameter group of this balancer's
+    #: parameters; a method whose options depend on its arguments sets it in ``__init__``
+    optimizer_options: Mapping[str, float] = MappingProxyType({})
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()

@@ -158,9 +158,9 @@ def cagrad_weights(
     solvers = {} if solvers is None else solvers
     if m not in solvers:
         solvers[m] = CAGradSolver(m)
-    start = solvers[m].solve(g, linear, phi)
-    if start is None:  # CLARABEL failed: the official code's solver (SLSQP) instead
-        start = CAGradSolver.slsqp(g, linear, phi)
+    solved = solvers[m].solve(g, linear, phi)
+    # None: CLARABEL failed; the official code's solver (SLSQP) instead
+    start = solved if solved is not None else CAGradSolver.slsqp(g, linear, phi)
     exact = CAGradSolver.polish(g, linear, phi, start)
     if exact is not None:
         return torch.from_numpy(np.full(m, 1.0 / m) + phi * exact).to(gram)

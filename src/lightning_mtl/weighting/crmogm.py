@@ -62,6 +62,10 @@ class CRMOGM(GradientWeighting):
     as is; neither is stored.
     """
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    lambdas: torch.Tensor
+    seen: torch.Tensor
+
     exact_gram = True  # a solve/pseudo-inverse/eigen cut-off of G: G in float64
 
     def __init__(

@@ -47,6 +47,11 @@ class DBMTL(GradientWeighting):
     """DB-MTL with averaging ``beta``, its decay ``beta_sigma``, log offset ``eps`` and the
     losses' lower bounds ``min_losses``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+    mean_norms: torch.Tensor
+    updates: torch.Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -50,6 +50,15 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class DynamicWeightAverage(CheckedLossWeighting, LossWeighting):
     """DWA with temperature ``temperature`` and the losses' lower bounds ``min_losses``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+    epoch_sum: torch.Tensor
+    epoch_count: torch.Tensor
+    history: torch.Tensor
+    history_known: torch.Tensor
+    epochs_seen: torch.Tensor
+    current_epoch: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

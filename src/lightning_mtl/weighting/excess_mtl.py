@@ -57,6 +57,14 @@ class ExcessMTL(GradientWeighting):
     a non-finite Jacobian (or Ê) gives NaN weights and leaves the state untouched.
     """
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    sq_grad_sum: torch.Tensor
+    log_weights: torch.Tensor
+    steps: torch.Tensor
+    warmup_sum: torch.Tensor
+    baseline: torch.Tensor
+    has_baseline: torch.Tensor
+
     needs_jacobian = True
     levels = ("params",)
     level_note = (

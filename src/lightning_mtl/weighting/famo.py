@@ -70,6 +70,16 @@ class FAMO(CheckedLossWeighting, LossWeighting):
     """FAMO with logit learning rate ``lr``, logit weight decay ``weight_decay`` (γ), the losses'
     lower bounds ``min_losses`` and the log offset ``eps``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+    logits: torch.Tensor
+    adam_m: torch.Tensor
+    adam_v: torch.Tensor
+    adam_t: torch.Tensor
+    prev_losses: torch.Tensor
+    prev_present: torch.Tensor
+    prev_step: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

@@ -40,6 +40,9 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class GeometricLossStrategy(CheckedLossWeighting, LossWeighting):
     """Weights ``G / (k·dᵢ)`` with G the geometric mean of the (global) distances ``dᵢ``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

@@ -110,6 +110,10 @@ class GO4Align(CheckedLossWeighting, LossWeighting):
     """GO4Align with ``num_groups`` groups (K ≥ 1), the alignment step ``robust_step_size``
     (η ≥ 0) and each loss's lower bound ``min_losses``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+    log_alpha: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

@@ -36,6 +36,9 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class GradDrop(GradientWeighting):
     """GradDrop with per-task ``leak`` (one number, or one per task; 0 by default)."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    leak: torch.Tensor
+
     levels = ("representation",)
     reuses_weights = False
     level_note = "GradDrop masks gradient signs per activation of the shared representation."

@@ -77,7 +77,7 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def single_threaded_blas() -> contextlib.AbstractContextManager:
+def single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
     """NumPy/SciPy's BLAS (OpenBLAS) limited to one thread while a rule solves its k×k problem.
 
     The rules' eigendecompositions, pseudo-inverses and NNLS solves on k×k matrices gain nothing
@@ -115,6 +115,9 @@ class GradientWeighting(Weighting):
     in between) and ``jacobian_budget_mb`` (params level: the most memory the k×D Jacobian may
     take; above it only G is formed).
     """
+
+    # buffers (register_buffer in __init__), declared for the type checker
+    cached_weights: torch.Tensor
 
     needs_gradients = True
     #: the rule reads the k×D Jacobian itself (not only G): :meth:`jacobian_weights`

@@ -41,6 +41,9 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class GradNorm(GradientWeighting):
     """GradNorm with asymmetry ``alpha`` and weight learning rate ``lr``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    initial_losses: torch.Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -74,6 +74,9 @@ def gradvac_weights(gram: torch.Tensor, targets: torch.Tensor, beta: float) -> t
 class GradVac(GradientWeighting):
     """GradVac with target EMA rate ``beta`` (in [0, 1])."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    targets: torch.Tensor
+
     def __init__(
         self, tasks: Sequence[str], level: str = "representation", seed: int = 0, beta: float = 0.5
     ) -> None:

@@ -39,6 +39,9 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class ImpartialLossScaling(Weighting):
     """Learned loss scales ``exp(sᵢ)`` with the objective ``Σ exp(sᵢ)(Lᵢ − mᵢ) − sᵢ``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

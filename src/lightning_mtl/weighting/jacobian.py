@@ -169,7 +169,7 @@ class ParameterJacobian:
 
 
 def parameter_jacobian(
-    cotangents: Sequence[Sequence[torch.Tensor]],
+    cotangents: Sequence[Sequence[torch.Tensor | None]],
     tensors: Sequence[torch.Tensor],
     params: Sequence[torch.nn.Parameter],
     scale: float | None,
@@ -232,7 +232,7 @@ def parameter_jacobian(
                     "params-level Jacobian takes one backward pass per task",
                     str(error).splitlines()[0],
                 )
-    per_row = []
+    per_row: list[Sequence[torch.Tensor | None]] = []
     for r in range(rows):  # from the tensors this row reaches only
         reached = [i for i in used if cotangents[r][i] is not None]
         if not reached:

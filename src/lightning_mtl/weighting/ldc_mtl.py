@@ -85,6 +85,10 @@ class LDCMTL(CheckedLossWeighting, LossWeighting):
     """LDC-MTL with discrepancy ``penalty`` λ ≥ 0, loss ``normalization``, router learning rate
     ``lr`` (None: the model's) and each loss's lower bound ``min_losses``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+    initial: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

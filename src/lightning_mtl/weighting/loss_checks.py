@@ -92,7 +92,7 @@ def distance_to_bound(
     The one check of every method that reads ``min_losses``; NaN values pass (they are
     :func:`skip_non_finite`'s).
     """
-    bounds = method.min_losses[list(present)].to(device=values.device, dtype=torch.float64)
+    bounds = method.get_buffer("min_losses")[list(present)].to(values.device, torch.float64)
     distance = values.detach().double() - bounds
     below = (distance < 0).tolist()
     if any(below):

@@ -209,8 +209,8 @@ def task_gradient(
     of its loss, and through each later meeting q it passes, of ``⟨z_q, g_q⟩``."""
     factor = scale or 1.0
     outputs, grad_outputs = [loss * factor], [torch.ones_like(loss)]
-    for other, row in later:
-        for tensor, part in zip(other.tensors, row, strict=True):
+    for other, other_row in later:
+        for tensor, part in zip(other.tensors, other_row, strict=True):
             if tensor.requires_grad and part is not None:
                 outputs.append(tensor)
                 grad_outputs.append((part * factor).to(tensor.dtype))

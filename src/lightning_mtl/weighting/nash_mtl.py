@@ -67,8 +67,9 @@ class NashSolver:
 
     def _program(self, start: np.ndarray) -> np.ndarray | None:
         """One convex program linearised at ``start`` (None: it failed; see ``problem.status``)."""
-        g = self.gram.value
-        linear = (1.0 / start + g @ (1.0 / (g @ start))) * math.exp(self.bound.value)
+        g, bound = self.gram.value, self.bound.value
+        assert bound is not None  # set by solve() before the first program
+        linear = (1.0 / start + g @ (1.0 / (g @ start))) * math.exp(bound)
         if not np.isfinite(linear).all():
             return None
         self.linear.value = linear
@@ -104,6 +105,9 @@ class NashSolver:
 @WEIGHTINGS.register("nash_mtl")
 class NashMTL(GradientWeighting):
     """Nash-MTL; see the module docstring for ``max_norm`` and ``optim_niter``."""
+
+    # buffers (register_buffer in __init__), declared for the type checker
+    solution: torch.Tensor
 
     exact_gram = True  # a solve/pseudo-inverse/eigen cut-off of G: G in float64
 

@@ -101,6 +101,10 @@ class PCD(GradientWeighting):
     weights and leaves the state untouched (the base step never passes one here).
     """
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    sq_norm_ema: torch.Tensor
+    steps: torch.Tensor
+
     exact_gram = True  # a solve/pseudo-inverse/eigen cut-off of G: G in float64
 
     def __init__(

@@ -15,6 +15,7 @@ cross-stitch) the Lightning module uses the rule itself (keys ``weighting.<state
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,12 +40,17 @@ class PlaceBalancer(Weighting):
         super().__init__(tasks)
         self.places = list(places)
         self.rules = nn.ModuleDict({place.name: make_rule() for place in self.places})
-        self.root = self.rules[self.places[0].name]
+        self.root = self.rule_at(self.places[0].name)
         self.level = self.root.level
 
     @property
     def optimizer_options(self) -> Mapping[str, float]:  # type: ignore[override]
         return self.root.optimizer_options
+
+    def rule_at(self, place: str) -> GradientWeighting:
+        """The rule of the meeting place named ``place``."""
+        # nn.ModuleDict is untyped: its items are the GradientWeightings make_rule() built
+        return cast(GradientWeighting, self.rules[place])
 
     @property
     def last_gram(self) -> torch.Tensor | None:
@@ -53,7 +59,7 @@ class PlaceBalancer(Weighting):
 
     def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
         for place in self.places:
-            self.rules[place.name].prepare(None if places is None else [place], world_size)
+            self.rule_at(place.name).prepare(None if places is None else [place], world_size)
 
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None
@@ -61,7 +67,7 @@ class PlaceBalancer(Weighting):
         return self.combine(losses, check_gradient_step(self, losses, context))
 
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
-        return balance(losses, context, lambda place: self.rules[place.name])
+        return balance(losses, context, lambda place: self.rule_at(place.name))
 
     def extra_repr(self) -> str:
         return f"rule={type(self.root).__name__}, places={[p.name for p in self.places]}"

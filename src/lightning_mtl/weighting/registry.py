@@ -5,12 +5,16 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import MeetingPlace
 from lightning_mtl.registry import Registry
 from lightning_mtl.weighting.base import Weighting
+
+if TYPE_CHECKING:
+    from lightning_mtl.weighting.gradient import GradientWeighting
+    from lightning_mtl.weighting.places import PlaceBalancer
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,8 @@ def build_weighting(
 
     def make() -> Any:
         method = WEIGHTINGS.build(name, "weighting", list(tasks), **kwargs)
-        if common:
-            method.configure(**common)
+        if common:  # only a gradient method accepts them (checked above)
+            cast("GradientWeighting", method).configure(**common)
         return method
 
     if getattr(factory, "needs_gradients", False) and places is not None and len(places) > 1:
@@ -83,5 +87,6 @@ def build_balancer(
         **config,
     )
     if balancer.needs_gradients:
-        check_level(balancer.level, name)
+        # a gradient method: a GradientWeighting, or a PlaceBalancer of them (both have a level)
+        check_level(cast("GradientWeighting | PlaceBalancer", balancer).level, name)
     return balancer

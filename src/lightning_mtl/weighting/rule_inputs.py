@@ -11,6 +11,8 @@ At the representation level G is summed leaf by leaf over the tasks reaching eac
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -52,7 +54,7 @@ def rule_inputs(
             gram = reduce_with(gram, stats, context) / context.world_size**2
         return Solved(gram)
     cotangents = [list(grads[n]) for n in names]  # None: a tensor the task does not reach
-    shares = (1.0,)
+    shares: tuple[float, ...] = (1.0,)
     if method.needs_cross_gram:
         halves = batch_halves(meeting.tensors)
         shares = tuple(float(h.mean()) for h in halves)
@@ -92,8 +94,13 @@ def rule_inputs(
         ]
         for a in range(len(shares))
     ]
-    local_gram = sum(
-        shares[a] * shares[b] * parts[a][b] for a in range(len(shares)) for b in range(len(shares))
+    local_gram = functools.reduce(
+        operator.add,
+        (
+            shares[a] * shares[b] * parts[a][b]
+            for a in range(len(shares))
+            for b in range(len(shares))
+        ),
     ).to(stats.device)
     cross = parts[0][1] if len(shares) == 2 else None
     solved = Solved.of(
@@ -175,9 +182,9 @@ def place_gram(
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     for leaf in range(width):
         reach = [
-            (i, grads[n][leaf])
+            (i, grad)
             for i, n in zip(local, names, strict=True)
-            if grads[n][leaf] is not None
+            if (grad := grads[n][leaf]) is not None
         ]
         if not reach:
             continue
@@ -200,8 +207,8 @@ def flat_rows(
             torch.cat(
                 [
                     (
-                        grads[n][i]
-                        if grads[n][i] is not None
+                        grad
+                        if (grad := grads[n][i]) is not None
                         else torch.zeros_like(meeting.leaves[i], dtype=torch.float32)
                     ).reshape(-1)
                     for i in leaves

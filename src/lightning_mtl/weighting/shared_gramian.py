@@ -66,7 +66,9 @@ class SharedGramian:
         """
         self.close()
         modules = list(place.modules) if place is not None else []
-        trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+        trainable: list[torch.Tensor] = [
+            p for m in modules for p in m.parameters() if p.requires_grad
+        ]
         loose = place is not None and any(p.requires_grad for p in place.extra_parameters)
         if not trainable or self.disabled or loose:
             return
@@ -87,7 +89,7 @@ class SharedGramian:
 
     def gramian(
         self,
-        cotangents: Sequence[Sequence[torch.Tensor]],
+        cotangents: Sequence[Sequence[torch.Tensor | None]],
         features: Sequence[torch.Tensor],
         scale: float | None,
     ) -> torch.Tensor | None:

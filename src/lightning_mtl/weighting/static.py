@@ -24,6 +24,9 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 class Static(LossWeighting):
     """Fixed weights; ``normalize=true`` rescales them to sum to the number of tasks."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    static_weights: torch.Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -65,6 +65,12 @@ class STCH(CheckedLossWeighting, LossWeighting):
     """STCH with smoothing ``mu``, ``warmup_steps``, an optional ``preference`` λ (on the
     simplex) and the losses' lower bounds ``min_losses``."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    preference: torch.Tensor
+    min_losses: torch.Tensor
+    loss_sums: torch.Tensor
+    loss_counts: torch.Tensor
+
     reads_loss_values = True
 
     def __init__(

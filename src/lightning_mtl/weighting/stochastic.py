@@ -48,6 +48,9 @@ def check_number(key: str, value: object, low: float, high: float, closed_high: 
 class CrossGramWeighting(GradientWeighting):
     """A rule of the cross-batch matrix ``A = J₁ J₂ᵀ``: a simplex point per task (``state``)."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    state: torch.Tensor
+
     needs_cross_gram = True
     levels = ("params",)
     level_note = (
@@ -134,10 +137,11 @@ class MoDo(CrossGramWeighting):
         self, cross: torch.Tensor, start: torch.Tensor, present: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rule = jd.MoDoWeighting(gamma=self.gamma, rho=self.rho)
-        rule._lambda = start
+        # torchjd's private state (typed as None there, where it starts unset): seeded with ours
+        rule._lambda = start  # type: ignore[assignment]
         rule._state_key = (len(present), cross.dtype, cross.device)
         weights = rule(cross)
-        return weights, rule._lambda
+        return weights, rule._lambda  # type: ignore[return-value]
 
 
 @WEIGHTINGS.register("sdmgrad")
@@ -217,7 +221,8 @@ class SDMGrad(CrossGramWeighting):
             lambda_=self.lambda_,
             pref_vector=self.present_preference(present),
         )
-        rule._w = start
+        # torchjd's private state (typed as None there, where it starts unset): seeded with ours
+        rule._w = start  # type: ignore[assignment]
         rule._state_key = (len(present), cross.dtype, cross.device)
         weights = rule(cross)
-        return weights, rule._w
+        return weights, rule._w  # type: ignore[return-value]

@@ -40,6 +40,9 @@ class Uncertainty(Weighting):
     """Learned homoscedastic-uncertainty weights; ``init_log_var`` is the initial ``sᵢ``,
     ``min_losses`` the losses' lower bounds."""
 
+    # buffers (register_buffer in __init__), declared for the type checker
+    min_losses: torch.Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

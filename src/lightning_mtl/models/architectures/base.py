@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -188,7 +188,9 @@ def architecture_options(spec: str | Mapping[str, Any], config_dir: Path | None)
     if path is not None and path.is_file():
         from omegaconf import OmegaConf
 
-        options = dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {})
+        # an architecture's YAML (configs/architecture/<name>.yaml) is a mapping of its options
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        options = dict(cast("dict[str, Any]", loaded or {}))
     options.update(spec)
     options["name"] = name
     accepted = _option_names(ARCHITECTURES.get(name, "model.architecture"))
@@ -230,12 +232,12 @@ def task_groups(
         by_kind = [[t for t in names if tasks[t] == kind] for kind in READS]
         by_kind = [g for g in by_kind if g]
         return by_kind if len(by_kind) > 1 else [[t] for t in names]
-    groups = [[str(t) for t in group] for group in groups]
-    seen = [t for group in groups for t in group]
+    checked = [[str(t) for t in group] for group in groups]
+    seen = [t for group in checked for t in group]
     unknown = sorted(set(seen) - set(names))
     missing = [t for t in names if t not in seen]
     twice = sorted({t for t in seen if seen.count(t) > 1})
-    if unknown or missing or twice or any(not g for g in groups):
+    if unknown or missing or twice or any(not g for g in checked):
         problems = []
         if unknown:
             problems.append(f"unknown tasks {unknown}")
@@ -243,13 +245,13 @@ def task_groups(
             problems.append(f"tasks in no group {missing}")
         if twice:
             problems.append(f"tasks in several groups {twice}")
-        if any(not g for g in groups):
+        if any(not g for g in checked):
             problems.append("an empty group")
         raise ConfigError(
-            f"{key}={groups}: {'; '.join(problems)}. Every task of the run ({', '.join(names)}) "
+            f"{key}={checked}: {'; '.join(problems)}. Every task of the run ({', '.join(names)}) "
             "must be in exactly one group."
         )
-    return groups
+    return checked
 
 
 def mix(weights: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

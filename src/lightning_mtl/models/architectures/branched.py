@@ -24,7 +24,7 @@ weights).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,11 +153,12 @@ class Branched(Architecture):
         return [self.backbone, *(branch.stages for branch in self._all_branches())]
 
     def _all_branches(self) -> list[Branch]:
-        found, todo = [], list(self.branches)
+        found: list[Branch] = []
+        todo = _as_branches(self.branches)
         while todo:
             branch = todo.pop(0)
             found.append(branch)
-            todo.extend(branch.subbranches)
+            todo.extend(_as_branches(branch.subbranches))
         return found
 
     # ----------------------------------------------------------------------------------- forward
@@ -166,7 +167,7 @@ class Branched(Architecture):
         x, maps = self.backbone.run(images, 0, self.at)
         shared = self.meet(meetings, self.places[0], [*maps, x], cut)
         features: dict[str, Features] = {}
-        for branch in self.branches:
+        for branch in _as_branches(self.branches):
             self._forward_branch(branch, images, shared[-1], shared[:-1], meetings, cut, features)
         return ArchitectureOutput({t: features[t] for t in self.task_names}, meetings)
 
@@ -189,8 +190,13 @@ class Branched(Architecture):
             for task in branch.tasks:
                 features[task] = Features.of([*maps, *new])
             return
-        for sub in branch.subbranches:
+        for sub in _as_branches(branch.subbranches):
             self._forward_branch(sub, images, x, [*maps, *new], meetings, cut, features)
+
+
+def _as_branches(modules: nn.ModuleList) -> list[Branch]:
+    """The ``Branch`` modules of ``modules`` (torch types a ModuleList's items as Module)."""
+    return cast("list[Branch]", list(modules))
 
 
 def _leaf_tasks(node: Any) -> list[str]:

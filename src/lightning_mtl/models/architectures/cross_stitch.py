@@ -28,6 +28,7 @@ from lightning_mtl.models.architectures.base import (
     ARCHITECTURES,
     Architecture,
     ArchitectureOutput,
+    Meeting,
     MeetingPlace,
     task_groups,
 )
@@ -92,7 +93,7 @@ class CrossStitch(Architecture):
         ]
 
     def backbone_modules(self) -> list[nn.Module]:
-        return self._all_columns()
+        return [*self._all_columns()]
 
     def forward(self, images: torch.Tensor, cut: bool = False) -> ArchitectureOutput:
         columns = self._all_columns()
@@ -105,7 +106,7 @@ class CrossStitch(Architecture):
             if self.backbone.stage_emits(stage) is not None:
                 for c, x in enumerate(xs):
                     maps[c].append(self.backbone.emit(x, images.shape[-2:]))
-        meetings: list = []
+        meetings: list[Meeting] = []
         flat = [m for column_maps in maps for m in column_maps]
         leaves = iter(self.meet(meetings, self.places[0], flat, cut))
         read = [[next(leaves) for _ in column_maps] for column_maps in maps]

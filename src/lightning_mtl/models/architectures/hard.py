@@ -10,6 +10,7 @@ from lightning_mtl.models.architectures.base import (
     ARCHITECTURES,
     Architecture,
     ArchitectureOutput,
+    Meeting,
     MeetingPlace,
 )
 from lightning_mtl.models.backbone import Backbone, Features
@@ -29,7 +30,7 @@ class HardSharing(Architecture):
 
     def forward(self, images: torch.Tensor, cut: bool = False) -> ArchitectureOutput:
         features = self.backbone(images)
-        meetings: list = []
+        meetings: list[Meeting] = []
         shared = self.meet(meetings, self.places[0], [features.pooled, *features.maps], cut)
         read = Features(shared[0], shared[1:])
         return ArchitectureOutput({task: read for task in self.task_names}, meetings)

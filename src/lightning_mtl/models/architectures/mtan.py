@@ -29,6 +29,7 @@ from lightning_mtl.models.architectures.base import (
     ARCHITECTURES,
     Architecture,
     ArchitectureOutput,
+    Meeting,
     MeetingPlace,
 )
 from lightning_mtl.models.backbone import Backbone, Features
@@ -75,7 +76,7 @@ def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
+        return F.adaptive_avg_pool2d(x, (size[0], size[1]))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -94,7 +95,7 @@ class MTAN(Architecture):
 
     def forward(self, images: torch.Tensor, cut: bool = False) -> ArchitectureOutput:
         features = self.backbone(images)
-        meetings: list = []
+        meetings: list[Meeting] = []
         maps = self.meet(meetings, self.places[0], features.maps, cut)
         return ArchitectureOutput(
             {t: Features.of(self.attention[t](maps)) for t in self.task_names}, meetings

@@ -30,6 +30,7 @@ levels. Cost: the trunk, then (shared + k·task) experts per level, each the siz
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -157,9 +158,11 @@ class PLE(Architecture):
         if self.expert != "stages":
             return groups
         for level in range(self.levels_count):
-            experts = [*self.shared[level], *(e for t in self.own[level].values() for e in t)]
-            for expert in experts:
-                for offset, stage in enumerate(expert):
+            experts = self._experts(level)
+            for task in self.task_names:
+                experts += self._experts(level, task)
+            for expert in experts:  # a ModuleList of stages each (expert=stages)
+                for offset, stage in enumerate(cast(nn.ModuleList, expert)):
                     groups[self.starts[level] + offset] += list(stage.parameters())
         return groups
 
@@ -168,13 +171,25 @@ class PLE(Architecture):
             return [self.backbone]
         return [self.backbone, self.shared, self.own]
 
+    # torch's containers are untyped: these give the experts and gates built in __init__
+    def _experts(self, level: int, task: str | None = None) -> list[nn.Module]:
+        """The shared experts of ``level`` (task None) or ``task``'s own: with expert=stages a
+        ``ModuleList`` of stages each, else a ``ConvExpert``."""
+        if task is None:
+            return list(cast(nn.ModuleList, self.shared[level]))
+        return list(cast(nn.ModuleList, cast(nn.ModuleDict, self.own[level])[task]))
+
+    def _gate(self, level: int, task: str) -> nn.Module:
+        return cast(nn.ModuleDict, self.gates[level])[task]
+
     # ------------------------------------------------------------------------------- forward
     def _run(self, expert: nn.Module, x: torch.Tensor, level: int, images: torch.Tensor) -> Output:
         if self.expert == "conv":
             y = expert(x)
             return y, [y]
         start = self.starts[level]
-        return self.backbone.run(images, start, start + len(expert), x=x, copies=expert)
+        stages = cast(nn.ModuleList, expert)  # expert=stages: one ModuleList of its stages
+        return self.backbone.run(images, start, start + len(stages), x=x, copies=stages)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.summarize(x) if self.expert == "stages" else x.mean(dim=(2, 3))
@@ -202,9 +217,9 @@ class PLE(Architecture):
         shared_in = x
         for level in range(self.levels_count):
             last = level == self.levels_count - 1
-            common = [self._run(e, shared_in, level, images) for e in self.shared[level]]
+            common = [self._run(e, shared_in, level, images) for e in self._experts(level)]
             own = {
-                t: [self._run(e, task_in[t], level, images) for e in self.own[level][t]]
+                t: [self._run(e, task_in[t], level, images) for e in self._experts(level, t)]
                 for t in self.task_names
             }
             if last:
@@ -222,7 +237,7 @@ class PLE(Architecture):
                 shared_in = mix(gate, [x for x, _ in everything])
             for t in self.task_names:
                 candidates = [*common, *own[t]]
-                gate = torch.softmax(self.gates[level][t](self._pool(task_in[t])), dim=-1)
+                gate = torch.softmax(self._gate(level, t)(self._pool(task_in[t])), dim=-1)
                 task_in[t] = mix(gate, [x for x, _ in candidates])
                 if self.expert == "stages":
                     emitted = len(candidates[0][1])
