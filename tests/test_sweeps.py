@@ -8,9 +8,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 from lightning_mtl import train
+from lightning_mtl.utils.best_trial import find_job
 from tests.conftest import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +44,39 @@ def test_an_optuna_study_in_sqlite_is_continued_by_the_same_command(
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
     best = (sweep / "optimization_results.yaml").read_text()
     assert f"best_value: {study.best_value}" in best
+    found = yaml.safe_load((sweep / "best_trial.yaml").read_text())["best"]
+    assert found["number"] == study.best_trial.number and found["value"] == study.best_value
+    assert found["job_dir"] == str(sweep / str(study.best_trial.number))  # job n is trial n here
 
     run_command_line(monkeypatch, *command, "hydra.sweeper.n_trials=2")
     study = optuna.load_study(study_name="train_optimizer", storage=storage)
     assert len(study.trials) == 5 and all(t.value is not None for t in study.trials)
     # new trials, not the first invocation's drawn again
     assert len({t.params["model.optimizer.lr"] for t in study.trials}) == 5
-    assert len(list((tmp_path / "train" / "multiruns").iterdir())) == 2  # a second sweep folder
+    sweeps = sorted((tmp_path / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 2  # a second sweep folder
+    # the best trial's folder, in whichever sweep it ran: the job given its learning rate
+    found = yaml.safe_load((sweeps[-1] / "best_trial.yaml").read_text())["best"]
+    assert found["number"] == study.best_trial.number
+    overrides = yaml.safe_load((Path(found["job_dir"]) / ".hydra" / "overrides.yaml").read_text())
+    assert f"model.optimizer.lr={study.best_trial.params['model.optimizer.lr']}" in overrides
+    assert Path(found["job_dir"]).parent == (sweep if study.best_trial.number < 3 else sweeps[-1])
+
+
+def test_the_best_trials_job_folder_is_found_in_this_or_an_earlier_sweep(tmp_path: Path) -> None:
+    def job(sweep: str, number: int, *overrides: str) -> Path:
+        folder = tmp_path / sweep / str(number)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+        return folder
+
+    earlier = job("2026-01-01_10-00-00", 0, "model.optimizer.lr=0.001", "seed=1")
+    job("2026-01-02_10-00-00", 0, "model.optimizer.lr=0.0010000000000000002", "seed=1")
+    latest = job("2026-01-02_10-00-00", 1, "model.optimizer.lr=0.003", "weighting=famo")
+    sweep = latest.parent
+    assert find_job(sweep, {"model.optimizer.lr": 0.003, "weighting": "famo"}) == latest
+    assert find_job(sweep, {"model.optimizer.lr": 0.001}) == earlier  # exact, in the sibling
+    assert find_job(sweep, {"model.optimizer.lr": 0.003, "weighting": "equal"}) is None
 
 
 def test_the_famo_search_samples_famos_own_hyper_parameters() -> None:
