@@ -13,7 +13,7 @@ from torchjd.linalg import QuadprogProjector
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import cut_meeting
 from lightning_mtl.weighting import StepContext, build_weighting
-from lightning_mtl.weighting.gradient import step_generator_seed
+from lightning_mtl.weighting.rule_step import step_generator_seed
 
 TASKS = ["a", "b", "c"]
 

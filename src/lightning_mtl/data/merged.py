@@ -1,7 +1,9 @@
-"""Merge datasets that each label a subset of the tasks into multi-task batches.
+"""The data module that merges datasets, each labelling a subset of the tasks, into
+multi-task batches.
 
 Each *source* is a dataset of the contract in ``data/sources/base.py`` (its own files, its own
-transforms and input size) built once per split. Training batches come from
+transforms and input size) built once per split into a :class:`MergedDataset`
+(``merged_dataset.py``). Training batches come from
 :class:`~lightning_mtl.data.sampling.MultiSourceSampler` (strategy, mixed or homogeneous
 batches, DDP sharding, resume); :func:`collate_merged` stacks the samples and gives every label
 key of the batch a per-sample mask (False where the sample's source does not label it). Losses
@@ -20,23 +22,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import RunningStage
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from lightning_mtl.data.bad_samples import (
-    BAD_SAMPLE_ERRORS,
-    SKIPPED_KEY,
-    BadSampleCount,
-    check_finite,
-    check_policy,
-)
+from lightning_mtl.data.bad_samples import SKIPPED_KEY, BadSampleCount, check_policy
 from lightning_mtl.data.inputs import (
     InputConfig,
     Normalization,
@@ -45,173 +39,20 @@ from lightning_mtl.data.inputs import (
     parse_normalization,
     plain_normalization,
 )
+from lightning_mtl.data.loaders import Batches, TrainLoader, eval_loaders
+from lightning_mtl.data.merged_dataset import (
+    MergedDataset,
+    SourceFactory,
+    collate_merged,
+    parse_sources,
+)
 from lightning_mtl.data.sampling import SAMPLING_OPTIONS, MultiSourceSampler
 from lightning_mtl.errors import ConfigError, DataError
 
-if TYPE_CHECKING:  # the sources import this package
-    from lightning_mtl.data.sources.base import SourceDataset
-
 log = logging.getLogger(__name__)
 
-SourceFactory = Callable[..., Dataset[Any]]
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: how many samples of a source are tried for a good one (example batch, an all-bad batch)
 EXAMPLE_TRIES = 1000
-
-
-class MergedDataset(Dataset[list[dict[str, Any]]]):
-    """The sources of one split; item ``[(source, index), ...]`` is that list of samples.
-
-    Each sample gets ``"source"`` (the source's position) and ``"index"`` (its index in that
-    source), and its label keys renamed as the source's ``rename`` says. A sample that cannot be
-    read (see ``bad_samples.py``) raises a DataError naming the source (``names``), ``split``
-    and index, or with ``on_bad_sample="skip"`` comes back as ``{"bad": cause, "source": s,
-    "index": i}``, which :func:`collate_merged` leaves out of the batch.
-    """
-
-    def __init__(
-        self,
-        datasets: Sequence[Dataset[Any]],
-        renames: Sequence[Mapping[str, str]] | None = None,
-        names: Sequence[str] | None = None,
-        split: str = "train",
-        on_bad_sample: str = "raise",
-    ) -> None:
-        self.datasets = list(datasets)
-        self.renames = [dict(r) for r in (renames or [{} for _ in self.datasets])]
-        self.names = list(names) if names is not None else [f"#{i}" for i in range(len(datasets))]
-        self.split, self.on_bad_sample = split, on_bad_sample
-        self.reads_draws = [_reads_draws(d) for d in self.datasets]
-
-    def sizes(self) -> list[int]:
-        return [len(d) for d in self.datasets]  # type: ignore[arg-type]
-
-    def sample(self, source: int, index: int, draw: int | None = None) -> dict[str, Any]:
-        """Sample ``index`` of source ``source``; ``draw`` (training keys carry it, see
-        :class:`~lightning_mtl.data.sampling.Key`) goes to a source that reads with
-        ``load(index, draw)``, for its augmentation."""
-        dataset = self.datasets[source]
-        try:
-            if draw is not None and self.reads_draws[source]:
-                # a source that reads draws has load(index, draw): see _reads_draws
-                item = cast("SourceDataset", dataset).load(index, draw)
-            else:
-                item = dataset[index]
-            check_finite(item)
-        except BAD_SAMPLE_ERRORS as error:
-            if self.on_bad_sample == "skip":
-                return {"bad": str(error), "source": source, "index": index}
-            raise DataError(
-                f"source {self.names[source]!r}, {self.split} sample {index}: {error} "
-                "(data.on_bad_sample=skip would leave such samples out)"
-            ) from error
-        rename = self.renames[source]
-        if rename:
-            item = {
-                **item,
-                "targets": {rename.get(k, k): v for k, v in item["targets"].items()},
-                "mask": {rename.get(k, k): v for k, v in item["mask"].items()},
-            }
-        return {**item, "source": source, "index": index}
-
-    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
-        return [self.sample(int(k[0]), int(k[1]), getattr(k, "draw", None)) for k in keys]
-
-    def __len__(self) -> int:
-        return sum(self.sizes())
-
-
-def _reads_draws(dataset: Dataset[Any]) -> bool:
-    """Whether a source reads with ``load(index, draw)`` (the contract of ``sources/base.py``;
-    not the base class's placeholder)."""
-    from lightning_mtl.data.sources.base import SourceDataset  # the sources import this package
-
-    load = getattr(type(dataset), "load", None)
-    return callable(load) and load is not SourceDataset.load
-
-
-def collate_merged(
-    samples: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Stack samples of several sources into one batch with a per-sample mask per label key.
-
-    A sample whose source lacks a key gets zeros shaped like the others' label and mask False;
-    a key that no sample of the batch has is left out (the model skips that task this step).
-    Images must share one size; ``names`` (the sources' names) make the error say which differ.
-    Bad samples (``{"bad": cause, ...}``, under ``data.on_bad_sample=skip``) are left out and
-    listed as ``batch["skipped_samples"] = [(source name, index, cause), ...]``; a batch of bad
-    samples only has no sample (its image is ``torch.empty(0)``, see the data module's
-    ``_collate``) and no label.
-    """
-    skipped = [
-        (names[s["source"]] if names else f"#{s['source']}", int(s["index"]), str(s["bad"]))
-        for s in samples
-        if "bad" in s
-    ]
-    samples = [s for s in samples if "bad" not in s]
-    batch = _stack(samples, names) if samples else _no_sample()
-    if skipped:
-        batch[SKIPPED_KEY] = skipped
-    return batch
-
-
-def _no_sample() -> dict[str, Any]:
-    empty = torch.empty(0, dtype=torch.long)
-    return {"image": torch.empty(0), "targets": {}, "mask": {}, "source": empty, "index": empty}
-
-
-def _stack(samples: Sequence[Mapping[str, Any]], names: Sequence[str] | None) -> dict[str, Any]:
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) > 1:
-        by_source = {
-            (names[s["source"]] if names else s["source"]): tuple(s["image"].shape) for s in samples
-        }
-        raise DataError(
-            f"a mixed batch holds images of different sizes {by_source}: give the sources one "
-            "image_size, or use data.sampling.mixing=homogeneous (one source per batch)"
-        )
-    keys = sorted({k for s in samples for k in s["targets"]})
-    targets, masks = {}, {}
-    for key in keys:
-        template = next(s["targets"][key] for s in samples if key in s["targets"])
-        values, present = [], []
-        for s in samples:
-            if key in s["targets"]:
-                value = torch.as_tensor(s["targets"][key])
-                if value.shape != template.shape:
-                    raise DataError(
-                        f"label {key!r} has shape {tuple(value.shape)} in one sample and "
-                        f"{tuple(template.shape)} in another of the same batch"
-                    )
-                values.append(value)
-                present.append(bool(s["mask"].get(key, True)))
-            else:
-                values.append(torch.zeros_like(template))
-                present.append(False)
-        targets[key] = torch.stack(values)
-        masks[key] = torch.tensor(present)
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "targets": targets,
-        "mask": masks,
-        "source": torch.tensor([int(s["source"]) for s in samples]),
-        "index": torch.tensor([int(s.get("index", -1)) for s in samples]),
-    }
-
-
-class TrainLoader(DataLoader[Any]):
-    """The training loader. Its position is saved and restored by the data module only
-    (:meth:`MergedDataModule.state_dict`), the one path that works in every case: Lightning
-    restores a data module before it builds the loaders, but restores a loader's own state only
-    if it builds the loader after reading the checkpoint, which a scheduler that counts the
-    steps of training prevents. These two methods hold no state: they tell Lightning that the
-    loader resumes mid-epoch (it would warn that it does not)."""
-
-    def state_dict(self) -> dict[str, int]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Nothing to restore: the data module's state has set the sampler's position."""
 
 
 class MergedDataModule(L.LightningDataModule):
@@ -257,33 +98,7 @@ class MergedDataModule(L.LightningDataModule):
         if normalization is not None:  # None: each source's own setting
             self.normalization = parse_normalization(normalization, "data.normalization")
         self.inputs: InputConfig | None = None
-        if not sources:
-            raise ConfigError("data.sources is empty: give at least one source dataset")
-        self.factories: dict[str, SourceFactory] = {}
-        self.renames: dict[str, dict[str, str]] = {}
-        for name, spec in sources.items():
-            if not _NAME.match(str(name)):
-                raise ConfigError(
-                    f"data.sources.{name}: a source name must start with a letter and hold only "
-                    "letters, digits and '_' (it becomes part of metric keys)"
-                )
-            if isinstance(spec, Mapping):
-                unknown = set(spec) - {"dataset", "rename"}
-                if "dataset" not in spec or unknown:
-                    raise ConfigError(
-                        f"data.sources.{name}: expected a dataset factory or a mapping with "
-                        f"'dataset' (and optional 'rename'), got keys {sorted(spec)}"
-                    )
-                self.factories[name] = spec["dataset"]
-                self.renames[name] = dict(spec.get("rename") or {})
-            else:
-                self.factories[name] = spec
-                self.renames[name] = {}
-            if not callable(self.factories[name]):
-                raise ConfigError(
-                    f"data.sources.{name}: the dataset must be a factory called with split=..., "
-                    "e.g. a config with `_partial_: true`"
-                )
+        self.factories, self.renames = parse_sources(sources)
         self.batch_size = int(batch_size)
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
@@ -363,11 +178,7 @@ class MergedDataModule(L.LightningDataModule):
         baseline on merged data trains on its task's labelled samples, as the multi-task run
         trains that task. Call before training (the splits are rebuilt)."""
         wanted = set(targets)
-        dataset = self._split("train")
-        labels = {
-            name: self._targets_of(d, name)
-            for name, d in zip(self.names, dataset.datasets, strict=True)
-        }
+        labels = self._split("train").labels()
         unused = [name for name, keys in labels.items() if not wanted & set(keys)]
         if not unused:
             return
@@ -428,55 +239,23 @@ class MergedDataModule(L.LightningDataModule):
             )
         return self.splits[split]
 
-    def _targets_of(self, dataset: Dataset[Any], name: str) -> list[str]:
-        rename = self.renames[name]
-        keys = getattr(dataset, "target_names", None)
-        if keys is None:
-            keys = list(dataset[0]["targets"])
-        return [rename.get(k, k) for k in keys]
-
     @property
     def eval_sources(self) -> dict[str, list[str]]:
         """Each source (in evaluation-loader order) and the label keys it provides."""
-        dataset = self._split("val")
-        return {
-            name: self._targets_of(d, name)
-            for name, d in zip(self.names, dataset.datasets, strict=True)
-        }
-
-    def _merged_attribute(self, attribute: str) -> dict[str, int]:
-        merged: dict[str, int] = {}
-        owner: dict[str, str] = {}
-        dataset = self._split("train")
-        for name, d in zip(self.names, dataset.datasets, strict=True):
-            rename = self.renames[name]
-            for key, value in (getattr(d, attribute, None) or {}).items():
-                key = rename.get(key, key)
-                if key in merged and merged[key] != value:
-                    raise DataError(
-                        f"label {key!r} has {attribute}={merged[key]} in source {owner[key]!r} "
-                        f"but {value} in {name!r}: rename one (data.sources.{name}.rename)"
-                    )
-                merged[key], owner[key] = value, name
-        return merged
+        return self._split("val").labels()
 
     @property
     def target_names(self) -> tuple[str, ...]:
-        dataset = self._split("train")
-        keys = [
-            k
-            for n, d in zip(self.names, dataset.datasets, strict=True)
-            for k in self._targets_of(d, n)
-        ]
-        return tuple(dict.fromkeys(keys))
+        labels = self._split("train").labels().values()
+        return tuple(dict.fromkeys(k for keys in labels for k in keys))
 
     @property
     def num_classes(self) -> dict[str, int]:
-        return self._merged_attribute("num_classes")
+        return self._split("train").merged_attribute("num_classes")
 
     @property
     def num_labels(self) -> dict[str, int]:
-        return self._merged_attribute("num_labels")
+        return self._split("train").merged_attribute("num_labels")
 
     def example_batch(self, size: int = 2) -> list[dict[str, Any]]:
         """One small batch per source (from the val split), to check the tasks. Under
@@ -588,7 +367,7 @@ class MergedDataModule(L.LightningDataModule):
             # list of this rank's batches (the first epoch's) to read in order
             batches = [sampler.rank_slice(b) for b in sampler.global_batches(0)]
             return DataLoader(
-                _Batches(self._split("train"), batches),
+                Batches(self._split("train"), batches),
                 batch_size=None,
                 collate_fn=functools.partial(self._collate, "train"),
                 num_workers=self.num_workers,
@@ -606,71 +385,19 @@ class MergedDataModule(L.LightningDataModule):
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader[Any]]:
-        """One loader per source, in order: metrics per source come from the loader index.
-
-        Each sample is evaluated once: batch j goes to rank ``j mod world_size``. Lightning
-        refuses a rank without a batch, so a source with fewer batches than ranks is cut into
-        world_size smaller ones (and one with fewer samples than ranks repeats some of them).
-        """
-        dataset = self._split(split)
         rank, world_size = self._rank()
-        loaders = []
-        for source, n in enumerate(dataset.sizes()):
-            keys = [(source, i) for i in range(n)]
-            count = max(math.ceil(n / self.batch_size), world_size)
-            keys = [keys[i % n] for i in range(max(n, count))]
-            batches = [list(part) for part in _even_parts(keys, count)]
-            loaders.append(
-                DataLoader(
-                    _Batches(dataset, batches),
-                    batch_size=None,
-                    sampler=_ShardedBatches(len(batches), rank, world_size),
-                    collate_fn=functools.partial(self._collate, split),
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin_memory,
-                )
-            )
-        return loaders
+        return eval_loaders(
+            self._split(split),
+            self.batch_size,
+            rank,
+            world_size,
+            functools.partial(self._collate, split),
+            self.num_workers,
+            self.pin_memory,
+        )
 
     def val_dataloader(self) -> list[DataLoader[Any]]:
         return self._eval_loaders("val")
 
     def test_dataloader(self) -> list[DataLoader[Any]]:
         return self._eval_loaders("test")
-
-
-def _even_parts(items: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
-    """``items`` in ``parts`` consecutive runs whose lengths differ by at most one."""
-    size, extra = divmod(len(items), parts)
-    bounds = [j * size + min(j, extra) for j in range(parts + 1)]
-    return [items[bounds[j] : bounds[j + 1]] for j in range(parts)]
-
-
-class _ShardedBatches(DistributedSampler[int]):
-    """Batch j goes to rank ``j mod world_size``: every evaluation batch is read exactly once
-    (Lightning's DistributedSampler would pad with repeats, counting some samples twice). Ranks
-    may get one batch more than others; evaluation has no collective inside a step."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        # DistributedSampler.__init__ is not called: this one needs no dataset or process group
-        self.length, self.rank, self.num_replicas = length, rank, world_size
-        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.num_replicas))
-
-
-class _Batches(Dataset[list[dict[str, Any]]]):
-    """A fixed list of batches of ``(source, index)``: item j is batch j's samples."""
-
-    def __init__(self, dataset: MergedDataset, batches: list[list[tuple[int, int]]]) -> None:
-        self.dataset, self.batches = dataset, batches
-
-    def __getitem__(self, j: int) -> list[dict[str, Any]]:
-        return self.dataset[self.batches[j]]
-
-    def __len__(self) -> int:
-        return len(self.batches)

@@ -28,8 +28,9 @@ import torch
 from torchjd import aggregation as jd
 
 from lightning_mtl.weighting.base import StepContext
-from lightning_mtl.weighting.gradient import GradientWeighting, step_generator_seed
+from lightning_mtl.weighting.gradient import GradientWeighting
 from lightning_mtl.weighting.registry import WEIGHTINGS
+from lightning_mtl.weighting.rule_step import step_generator_seed
 
 
 @WEIGHTINGS.register("graddrop")
