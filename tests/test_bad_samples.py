@@ -98,6 +98,14 @@ def test_skip_leaves_samples_out_counts_them_and_stops_over_the_fraction(
     with pytest.raises(DataError, match=r"4 of the 6 train samples read so far are bad \(66\.7%\)"):
         dm.on_before_batch_transfer(empty, 0)  # 4 > 0.03 × 100
     assert dm.state_dict() == {}  # no training position before a training loader exists
+    # the example batch passes over bad samples; a source without a good one is named
+    (example,) = dm.example_batch(size=3)
+    assert example["index"].tolist() == [0, 4, 6]
+    every = module("skip", list(range(SIZES["train"])))
+    with pytest.raises(DataError, match=r"source 'broken': its first 8 val samples are all bad"):
+        every.example_batch()
+    with pytest.raises(DataError, match=r"its first 24 train samples are all bad"):
+        every._collate("train", every._split("train")[[(0, 0)]])
     dm.train_dataloader()
     assert dm.state_dict()["bad_skipped"] == 4  # a resumed run keeps counting
     # the fraction is taken over at least 100 samples, then over the samples read

@@ -262,22 +262,10 @@ class MergedDataModule(L.LightningDataModule):
         ``on_bad_sample=skip`` bad samples are passed over (a DataError if none of a source's
         first :data:`EXAMPLE_TRIES` samples is good)."""
         dataset = self._split("val")
-        batches = []
-        for source, n in enumerate(dataset.sizes()):
-            good: list[dict[str, Any]] = []
-            for index in range(min(n, EXAMPLE_TRIES)):
-                item = dataset.sample(source, index)
-                if "bad" not in item:
-                    good.append(item)
-                if len(good) == size:
-                    break
-            if not good:
-                raise DataError(
-                    f"source {self.names[source]!r}: its first {min(n, EXAMPLE_TRIES)} val "
-                    "samples are all bad (see the warnings above)"
-                )
-            batches.append(collate_merged(good, self.names))
-        return batches
+        return [
+            collate_merged(dataset.good_samples(source, size, EXAMPLE_TRIES), self.names)
+            for source in range(len(dataset.datasets))
+        ]
 
     # ------------------------------------------------------------------ loaders
     def _rank(self) -> tuple[int, int]:
@@ -322,17 +310,8 @@ class MergedDataModule(L.LightningDataModule):
     def _image_shape(self, split: str, source: int) -> tuple[int, ...]:
         """The shape of the first good image of a source (for a batch of bad samples only)."""
         if (split, source) not in self._image_shapes:
-            dataset = self._split(split)
-            for index in range(min(dataset.sizes()[source], EXAMPLE_TRIES)):
-                item = dataset.sample(source, index)
-                if "bad" not in item:
-                    self._image_shapes[split, source] = tuple(item["image"].shape)
-                    break
-            else:
-                raise DataError(
-                    f"source {self.names[source]!r}: its first {EXAMPLE_TRIES} {split} samples "
-                    "are all bad (see the warnings above)"
-                )
+            (item,) = self._split(split).good_samples(source, 1, EXAMPLE_TRIES)
+            self._image_shapes[split, source] = tuple(item["image"].shape)
         return self._image_shapes[split, source]
 
     # ------------------------------------------------------------------ bad samples

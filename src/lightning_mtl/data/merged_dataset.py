@@ -142,6 +142,24 @@ class MergedDataset(Dataset[list[dict[str, Any]]]):
             }
         return {**item, "source": source, "index": index}
 
+    def good_samples(self, source: int, count: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``count`` readable samples among the first ``limit`` of ``source`` (bad ones,
+        under ``on_bad_sample=skip``, passed over); a DataError if none of them is good."""
+        good: list[dict[str, Any]] = []
+        tried = min(self.sizes()[source], limit)
+        for index in range(tried):
+            item = self.sample(source, index)
+            if "bad" not in item:
+                good.append(item)
+                if len(good) == count:
+                    break
+        if not good:
+            raise DataError(
+                f"source {self.names[source]!r}: its first {tried} {self.split} samples are all "
+                "bad (see the warnings above)"
+            )
+        return good
+
     def __getitem__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
         return [self.sample(int(k[0]), int(k[1]), getattr(k, "draw", None)) for k in keys]
 
