@@ -27,8 +27,9 @@ from lightning_mtl.data.shapes import (
     ShapesDataset,
 )
 from lightning_mtl.errors import ConfigError, DataError
+from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.models.backbone import FeatureInfo
-from lightning_mtl.predict import load_weights, predict
+from lightning_mtl.predict import predict
 from lightning_mtl.prediction import (
     NormalsWriter,
     Sample,
@@ -171,14 +172,8 @@ def test_predict_on_a_folder_writes_every_task(run: Path, images: dict, tmp_path
 
 def predict_model(run: Path) -> torch.nn.Module:
     """The run's model with the checkpoint's weights, in eval mode (as predict builds it)."""
-    import hydra
-
-    from lightning_mtl.checkpointing import resolve_ckpt_path
-    from lightning_mtl.eval import saved_model
-
-    ckpt = resolve_ckpt_path(str(run), run, for_training=False)
-    cfg = compose_config("predict", [*PREDICT, f"ckpt_path={ckpt}"], run)
-    model = hydra.utils.instantiate(cfg.model, **saved_model(ckpt))
+    cfg = compose_config("predict", [*PREDICT, f"ckpt_path={run}"], run)
+    model, ckpt = checkpoint_model(cfg, "mtl-predict")
     load_weights(model, ckpt)
     return model.eval()
 

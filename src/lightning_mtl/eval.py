@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
+from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
@@ -47,23 +48,40 @@ def saved_model(ckpt_path: str) -> dict[str, Any]:
     return {key: saved[key] for key in SAVED_KEYS if key in saved}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError("ckpt_path is required: mtl-eval ckpt_path=path/to/checkpoint.ckpt")
-    # A file or a run folder (its newest complete checkpoint), checked before anything is built.
+def checkpoint_model(cfg: DictConfig, command: str) -> tuple[MultiTaskModule, str]:
+    """The model of ``cfg.ckpt_path`` (a file or a run folder), built from the checkpoint's saved
+    backbone, architecture, tasks and weighting, without its weights yet (:func:`load_weights`).
+    Returns the model and the checkpoint file."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") is None:
+        raise ConfigError(
+            f"ckpt_path is required: {command} ckpt_path=logs/train/runs/<date_time> (a run "
+            "folder) or a .ckpt file"
+        )
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir, for_training=False)
     if ckpt_path is None or not Path(ckpt_path).is_file():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path!r}: expected a checkpoint file or a run folder"
         )
+    model: MultiTaskModule = hydra.utils.instantiate(cfg.model, **saved_model(ckpt_path))
+    return model, ckpt_path
+
+
+def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
+    """The checkpoint's weights into ``model``, strictly (read with ``weights_only=True``,
+    memory-mapped: the optimizer states a training checkpoint also holds are not loaded)."""
+    model.load_state_dict(read_checkpoint(ckpt_path, mmap=True)["state_dict"])
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validate and test the checkpoint ``cfg.ckpt_path``; return the metrics."""
+    # A file or a run folder (its newest complete checkpoint), checked before anything else.
+    model, ckpt_path = checkpoint_model(cfg, "mtl-eval")
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     set_float32_matmul_precision()
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, **saved_model(ckpt_path))
     share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
     share_task_targets(datamodule, model)  # merged data: the sources that label the tasks
     loggers = instantiate_mapping(cfg.get("logger"), "logger")

@@ -53,7 +53,7 @@ from torch import nn
 from lightning_mtl.checkpointing import run_folder
 from lightning_mtl.data.inputs import share_backbone_inputs
 from lightning_mtl.errors import ConfigError, ExportError
-from lightning_mtl.predict import checkpoint_model, load_weights
+from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
     DATA,
     adopt_trained_preparation,

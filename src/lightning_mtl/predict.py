@@ -42,14 +42,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
+from lightning_mtl.checkpointing import with_safe_checkpoint_io
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.eval import saved_model
-from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
     DATA,
     ImageFolder,
@@ -73,30 +72,6 @@ from lightning_mtl.utils.setup import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
-
-
-# ------------------------------------------------------------------------- checkpoint and model
-def checkpoint_model(cfg: DictConfig, command: str) -> tuple[MultiTaskModule, str]:
-    """The model of ``cfg.ckpt_path`` (a file or a run folder), built from the checkpoint's saved
-    backbone, architecture, tasks and weighting, without its weights yet (:func:`load_weights`).
-    Returns the model and the checkpoint file."""
-    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") is None:
-        raise ConfigError(
-            f"ckpt_path is required: {command} ckpt_path=logs/train/runs/<date_time> (a run "
-            "folder) or a .ckpt file"
-        )
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir, for_training=False)
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r}: expected a checkpoint file or a run folder"
-        )
-    model: MultiTaskModule = hydra.utils.instantiate(cfg.model, **saved_model(ckpt_path))
-    return model, ckpt_path
-
-
-def load_weights(model: L.LightningModule, ckpt_path: str) -> None:
-    """The checkpoint's weights into ``model``, strictly (read with ``weights_only=True``)."""
-    model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
 
 
 # ------------------------------------------------------------------------------------ the run
