@@ -242,7 +242,8 @@ class MultiTaskModule(L.LightningModule):
             means = global_loss_values(
                 {**values, "": total}, names, context.all_reduce, self.device
             )
-            present = {n: m for n, m in zip(names, means, strict=True) if not torch.isnan(m)}
+            labelled = means.isnan().logical_not().tolist()  # one host sync, not one per name
+            present = {n: m for n, m, keep in zip(names, means, labelled, strict=True) if keep}
             values = {t: m for t, m in present.items() if t}
             total = present.get("", total)
         self.log_dict({f"train/{t}/loss": v for t, v in values.items()}, batch_size=size)
