@@ -68,6 +68,7 @@ def test_the_best_trials_job_folder_is_found_in_this_or_an_earlier_sweep(tmp_pat
         folder = tmp_path / sweep / str(number)
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+        (folder / ".hydra" / "config.yaml").write_text("seed: 1\n")
         return folder
 
     earlier = job("2026-01-01_10-00-00", 0, "model.optimizer.lr=0.001", "seed=1")

@@ -21,6 +21,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_mtl.compare.runs import job_dirs
+
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "best_trial.yaml"
@@ -37,14 +39,15 @@ def job_folders(sweep_dir: Path) -> Iterable[Path]:
     invocations of a continued study), newest first."""
     siblings = [p for p in sweep_dir.parent.iterdir() if p.is_dir() and p != sweep_dir]
     for sweep in [sweep_dir, *sorted(siblings, reverse=True)]:
-        yield from sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
+        yield from job_dirs(sweep)
 
 
 def find_job(sweep_dir: Path, params: Mapping[str, Any]) -> Path | None:
     """The job folder whose overrides include every one of ``params`` (None if none has)."""
     wanted = trial_overrides(params)
     for folder in job_folders(sweep_dir):
-        given = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+        path = folder / ".hydra" / "overrides.yaml"
+        given = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
         if wanted <= {str(item) for item in given}:
             return folder
     return None

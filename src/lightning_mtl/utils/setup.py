@@ -17,10 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 # where the configs and the project root are (light, for the console scripts), re-exported here
-from lightning_mtl.errors import config_error_in as config_error_in
-from lightning_mtl.errors import report_error as report_error
 from lightning_mtl.utils.locations import CONFIG_DIR as CONFIG_DIR
-from lightning_mtl.utils.locations import PACKAGE_DIR as PACKAGE_DIR
 from lightning_mtl.utils.locations import PROJECT_ROOT as PROJECT_ROOT
 from lightning_mtl.utils.locations import configure_environment as configure_environment
 
