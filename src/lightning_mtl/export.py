@@ -45,20 +45,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from lightning_mtl.checkpointing import run_folder
-from lightning_mtl.data.inputs import share_backbone_inputs
 from lightning_mtl.errors import ConfigError, ExportError
 from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
-    DATA,
-    adopt_trained_preparation,
+    reads_data,
     resolve_inputs,
-    warn_if_data_differs,
+    trained_datamodule,
     write_summary,
     writer_class,
 )
@@ -270,12 +267,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     model, ckpt_path = checkpoint_model(cfg, "mtl-export")
     apply_extras(cfg)
     preprocess = cfg.get("preprocess") or {}
-    datamodule = None
-    if DATA in (preprocess.get("normalization", DATA), preprocess.get("image_size", DATA)):
-        adopt_trained_preparation(cfg, ckpt_path)
-        datamodule = hydra.utils.instantiate(cfg.data)
-        share_backbone_inputs(datamodule, model)
-        warn_if_data_differs(ckpt_path, datamodule)
+    datamodule = trained_datamodule(cfg, model, ckpt_path) if reads_data(preprocess) else None
     inputs = resolve_inputs(preprocess, model, datamodule)
     load_weights(model, ckpt_path)
     model = model.to("cpu").eval()

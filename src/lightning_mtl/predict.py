@@ -46,19 +46,17 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from lightning_mtl.checkpointing import with_safe_checkpoint_io
-from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
-    DATA,
     ImageFolder,
     InputSpec,
     PredictionWriter,
     SplitData,
     WriterOptions,
-    adopt_trained_preparation,
+    reads_data,
     resolve_inputs,
-    warn_if_data_differs,
+    trained_datamodule,
     write_summary,
     writer_class,
 )
@@ -118,17 +116,9 @@ def predict(cfg: DictConfig, return_predictions: bool = False) -> PredictResult:
 
     folder = Path(cfg.paths.output_dir) / "predictions"
     preprocess = cfg.get("preprocess") or {}
-    needs_data = source is None or DATA in (
-        preprocess.get("normalization", DATA),
-        preprocess.get("image_size", DATA),
-    )
     datamodule = None
-    if needs_data:
-        adopt_trained_preparation(cfg, ckpt_path)
-        datamodule = hydra.utils.instantiate(cfg.data)
-        share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
-        share_task_targets(datamodule, model)
-        warn_if_data_differs(ckpt_path, datamodule)
+    if source is None or reads_data(preprocess):
+        datamodule = trained_datamodule(cfg, model, ckpt_path)
 
     inputs: InputSpec | None = None
     loaders: Any = None

@@ -56,7 +56,9 @@ from lightning_mtl.prediction.inputs import (
     InputSpec,
     adopt_trained_preparation,
     data_inputs,
+    reads_data,
     resolve_inputs,
+    trained_datamodule,
     warn_if_data_differs,
 )
 from lightning_mtl.prediction.writers import (
@@ -103,7 +105,9 @@ __all__ = [
     "metric_threshold",
     "palette",
     "predicted",
+    "reads_data",
     "resolve_inputs",
+    "trained_datamodule",
     "warn_if_data_differs",
     "write_summary",
     "write_table",

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import hydra
 from omegaconf import DictConfig, open_dict
 
 from lightning_mtl.checkpointing import read_checkpoint
@@ -19,12 +20,16 @@ from lightning_mtl.data.inputs import (
     Normalization,
     backbone_input_config,
     parse_normalization,
+    share_backbone_inputs,
+    share_task_targets,
 )
 from lightning_mtl.data.sources.base import as_size
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.tasks import plain_container
 
 if TYPE_CHECKING:  # lightning_mtl.module imports this package (predicted)
+    import lightning as L
+
     from lightning_mtl.module import MultiTaskModule
 
 log = logging.getLogger(__name__)
@@ -95,7 +100,7 @@ def resolve_inputs(
         )
     normalization = options.get("normalization", DATA)
     image_size = options.get("image_size", DATA)
-    fed = data_inputs(datamodule) if DATA in (normalization, image_size) else own
+    fed = data_inputs(datamodule) if reads_data(options) else own
     stats = _named(normalization, {DATA: fed.normalization, BACKBONE: own.normalization})
     size = _named(image_size, {DATA: fed.size, BACKBONE: own.size})
     stats = stats or _explicit_normalization(normalization)
@@ -165,6 +170,26 @@ def data_inputs(datamodule: Any | None) -> InputConfig:
 
 # what prepares an image: taken from the checkpoint unless the command line sets data.*
 PREPARATION = ("normalization", "image_size")
+
+
+def reads_data(preprocess: Mapping[str, Any]) -> bool:
+    """Whether ``preprocess`` takes the normalisation or the image size from the data config
+    (``data``, the default of both), so the data module must be built."""
+    return DATA in (preprocess.get("normalization", DATA), preprocess.get("image_size", DATA))
+
+
+def trained_datamodule(
+    cfg: DictConfig, model: MultiTaskModule, ckpt_path: str
+) -> L.LightningDataModule:
+    """``cfg.data`` prepared as the checkpoint was trained (:func:`adopt_trained_preparation`),
+    fed the backbone's inputs and the tasks' targets as training fed it, and compared with the
+    checkpoint's data settings (:func:`warn_if_data_differs`)."""
+    adopt_trained_preparation(cfg, ckpt_path)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    share_backbone_inputs(datamodule, model)  # the backbone's normalisation and input size
+    share_task_targets(datamodule, model)  # merged data: the sources that label the tasks
+    warn_if_data_differs(ckpt_path, datamodule)
+    return datamodule
 
 
 def adopt_trained_preparation(cfg: DictConfig, ckpt_path: str) -> list[str]:
