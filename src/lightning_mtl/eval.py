@@ -20,10 +20,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mtl.checkpointing import read_checkpoint, resolve_ckpt_path, with_safe_checkpoint_io
+from lightning_mtl.cli import evaluate as main  # the console script: mtl-eval
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.module import MultiTaskModule
-from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
     instantiate_mapping,
@@ -94,10 +94,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         for results in run(model=model, datamodule=datamodule, ckpt_path=ckpt_path):
             metrics.update({key: float(value) for key, value in results.items()})
     return metrics
-
-
-def main() -> None:
-    run_entry_point("lightning_mtl.eval:evaluate", "eval")
 
 
 if __name__ == "__main__":

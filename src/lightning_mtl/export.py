@@ -50,6 +50,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lightning_mtl.checkpointing import run_folder
+from lightning_mtl.cli import export as main  # the console script: mtl-export
 from lightning_mtl.errors import ConfigError, ExportError
 from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
@@ -60,7 +61,6 @@ from lightning_mtl.prediction import (
     writer_class,
 )
 from lightning_mtl.tasks import TaskSpec
-from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import apply_extras
 
 log = logging.getLogger(__name__)
@@ -323,10 +323,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     write_summary(folder / "model.json", description)
     log.info("export checked within tolerance %g: %s", tolerance, differences)
     return {**description, "folder": str(folder)}
-
-
-def main() -> None:
-    run_entry_point("lightning_mtl.export:export", "export")
 
 
 if __name__ == "__main__":

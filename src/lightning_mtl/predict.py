@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from lightning_mtl.checkpointing import with_safe_checkpoint_io
+from lightning_mtl.cli import predict as main  # the console script: mtl-predict
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.prediction import (
@@ -61,7 +62,6 @@ from lightning_mtl.prediction import (
     writer_class,
 )
 from lightning_mtl.tasks import plain_container
-from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
     set_float32_matmul_precision,
@@ -176,10 +176,6 @@ def predict(cfg: DictConfig, return_predictions: bool = False) -> PredictResult:
         write_summary(folder / "summary.json", summary)
     kept = predictions if return_predictions else None
     return PredictResult(folder, dict(writer.written), writer.samples, inputs, kept)
-
-
-def main() -> None:
-    run_entry_point("lightning_mtl.predict:predict", "predict")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_mtl.checkpointing import resolve_ckpt_path, with_safe_checkpoint_io
+from lightning_mtl.cli import train as main  # the console script: mtl-train
 from lightning_mtl.data.inputs import share_backbone_inputs, share_task_targets
 from lightning_mtl.preflight import check_config, run_preflight
 from lightning_mtl.results.record import record_run
-from lightning_mtl.utils.entry import run_entry_point
 from lightning_mtl.utils.setup import (
     apply_extras,
     drop_callbacks_that_need_a_logger,
@@ -98,10 +98,6 @@ def optimized_metric(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
-
-
-def main() -> None:
-    run_entry_point("lightning_mtl.train:optimized_metric", "train")
 
 
 if __name__ == "__main__":
