@@ -30,7 +30,7 @@ from lightning_mtl.wandb_tracking.keys import EPOCH_SPLITS, TEST_TABLE, WEIGHT_P
 from lightning_mtl.wandb_tracking.run_id import (
     new_run_id,
     resumed_checkpoint,
-    resumed_run_id,
+    run_id_from,
     write_run_file,
 )
 
@@ -86,11 +86,12 @@ class WandbLogger(LightningWandbLogger):
         if log_model and mode in OFFLINE_MODES:
             refuse_artifacts(log_model, f"W&B runs offline (mode {mode})")
             log_model = False
+        resumed = resumed_checkpoint(ckpt_path, save_dir) if training else None
         explicit = version or id or os.environ.get("WANDB_RUN_ID")
         if explicit:
             run_id, source = str(explicit), "given (logger.wandb.id or $WANDB_RUN_ID)"
         else:
-            found, source = resumed_run_id(ckpt_path, save_dir, training)
+            found, source = run_id_from(resumed, save_dir)
             run_id = found or new_run_id()
         super().__init__(
             name=name,
@@ -103,7 +104,6 @@ class WandbLogger(LightningWandbLogger):
         )
         self._mode = mode
         self._id_source = source
-        resumed = resumed_checkpoint(ckpt_path, save_dir) if training else None
         self._resumed_from = None if resumed is None else str(resumed)
         self._init_timeout = float(init_timeout)
         self._offline_fallback = bool(offline_fallback)

@@ -119,7 +119,11 @@ def resumed_run_id(
     """
     if not training:
         return None, "new"
-    checkpoint = resumed_checkpoint(ckpt_path, run_dir)
+    return run_id_from(resumed_checkpoint(ckpt_path, run_dir), run_dir)
+
+
+def run_id_from(checkpoint: Path | None, run_dir: str | Path | None) -> tuple[str | None, str]:
+    """:func:`resumed_run_id` for the checkpoint a training resumes from (None: a fresh start)."""
     if checkpoint is None:
         return None, "new"
     run_id = run_id_in_checkpoint(checkpoint)
