@@ -114,8 +114,7 @@ class WandbLogger(LightningWandbLogger):
         self.run_info: dict[str, Any] = {}
         self._axes: set[str] = set()
         self.weights: dict[str, SeriesHistory] = {}
-        self._charted = 0  # weight points logged when the charts were last drawn
-        self._weight_points = 0
+        self._charts_stale = False  # weights came since the charts were last drawn
         self.test_values: dict[str, float] = {}
         self._test_logged = True
 
@@ -321,7 +320,7 @@ class WandbLogger(LightningWandbLogger):
                 continue
             if key.startswith(WEIGHT_PREFIX) and step is not None:
                 self.weights.setdefault(key, SeriesHistory()).add(step, number)
-                self._weight_points += 1
+                self._charts_stale = True
             elif key.startswith("test/"):
                 self.test_values[key] = number
                 self._test_logged = False
@@ -331,11 +330,11 @@ class WandbLogger(LightningWandbLogger):
         """The task weights as line charts, all tasks in one: ``weights/all_tasks`` (and
         ``weights/<place>/all_tasks`` for a method that weighs each meeting place); drawn again
         only when new weights came since the last drawing."""
-        if not self.weights or self._weight_points == self._charted:
+        if not self.weights or not self._charts_stale:
             return
         for name, chart in weight_charts(self.weights):
             self.experiment.log({self._prefixed(name): chart})
-        self._charted = self._weight_points
+        self._charts_stale = False
 
     @rank_zero_only
     def log_test_table(self) -> None:
@@ -368,7 +367,6 @@ class WandbLogger(LightningWandbLogger):
         return {
             "run_id": self.run_id,
             "weights": {key: history.state() for key, history in self.weights.items()},
-            "weight_points": self._weight_points,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -388,8 +386,7 @@ class WandbLogger(LightningWandbLogger):
             return
         saved = state.get("weights") or {}
         self.weights = {key: SeriesHistory.from_state(s) for key, s in saved.items()}
-        self._weight_points = int(state.get("weight_points", 0))
-        self._charted = 0
+        self._charts_stale = bool(self.weights)  # not drawn by this process yet
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
