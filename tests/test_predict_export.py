@@ -26,6 +26,7 @@ from lightning_mtl.data.shapes import (
     ShapesDataModule,
     ShapesDataset,
 )
+from lightning_mtl.data.sources.images import load_image
 from lightning_mtl.errors import ConfigError, DataError
 from lightning_mtl.eval import checkpoint_model, load_weights
 from lightning_mtl.models.backbone import FeatureInfo
@@ -168,6 +169,15 @@ def test_predict_on_a_folder_writes_every_task(run: Path, images: dict, tmp_path
     assert torch.allclose(batch["dominant_color"].sum(1), torch.ones(3), atol=1e-5)
     assert ((batch["colors"] >= 0) & (batch["colors"] <= 1)).all()
     assert torch.allclose(batch["dominant_color"][0], expected["dominant_color"], atol=1e-6)
+    # b.png (40×56) is resized as the training sources resize their images (load_image), not
+    # by timm's transform (bicubic, antialiased): the model gets the pixels training gave it
+    resized = load_image(folder / "b.png", (32, 32), "test", SHAPES_NORMALIZATION)
+    with torch.no_grad():
+        raw = model.net(resized[None])
+    task = next(t for t in model.tasks if t.name == "dominant_color")
+    assert torch.allclose(
+        batch["dominant_color"][1], predicted(task, raw["dominant_color"])[0], atol=1e-6
+    )
 
 
 def predict_model(run: Path) -> torch.nn.Module:
@@ -289,11 +299,16 @@ def test_export_to_onnx_and_torchscript_matches_the_checkpoint(run: Path, tmp_pa
     # the onnxruntime snippet of docs/predict_export.md runs as written on this export
     page = (Path(__file__).parents[1] / "docs" / "predict_export.md").read_text()
     snippet = re.findall(r"```python\n(.*?)```", page, re.S)[-1]
-    image = tmp_path / "scene.png"
-    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
+    image = tmp_path / "scene.png"  # larger than the model's 32 px, so the resize counts
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
     snippet = snippet.replace("logs/train/runs/<date_time>/export", str(folder))
     namespace: dict = {}
     exec(compile(snippet.replace('"scene.png"', repr(str(image))), "snippet", "exec"), namespace)
+    # ... and prepares the image exactly as training and mtl-predict do
+    trained = load_image(image, (32, 32), "test", SHAPES_NORMALIZATION)
+    assert np.abs(namespace["x"][0] - trained.numpy()).max() < 1e-5
+    assert saved["input"]["interpolation"] == "bilinear" and saved["input"]["antialias"] is False
     with torch.no_grad():
         raw = model.net(torch.from_numpy(namespace["x"]))
     task = next(t for t in model.tasks if t.name == "dominant_color")

@@ -13,12 +13,11 @@ writes each task's outputs under ``<output_dir>/predictions/`` in the form its k
 checkpoint.
 
 **Inputs.** ``input=<folder>`` reads every image below it (``.jpg .jpeg .png .bmp .webp .gif
-.tif .tiff``, recursively; a single image file works too) through timm's evaluation transform
-(``timm.data.create_transform(is_training=False)``) built from the backbone's own data config
-(``resolve_model_data_config``: interpolation, and the mean, std and size unless ``preprocess``
-says otherwise). The whole image is resized to the input size (timm's ``squash`` crop mode with
-``crop_pct=1``), as the training sources read their images, so dense outputs map back onto the
-image and are written at its own size. ``input=null`` predicts on the data config's ``split``
+.tif .tiff``, recursively; a single image file works too) with the reader of the training
+sources (:func:`~lightning_mtl.data.sources.images.load_image`): RGB, the whole image resized
+to the input size by the same interpolation (no crop), normalised with the statistics
+``preprocess`` resolves. So the model sees an image as training and evaluation prepared it, and
+dense outputs map back onto the image and are written at its own size. ``input=null`` predicts on the data config's ``split``
 (``test`` or ``val``), prepared as in evaluation.
 
 **Preprocessing** (``configs/preprocess/default.yaml``, shared with ``mtl-export``): the mean, std
@@ -125,7 +124,7 @@ def predict(cfg: DictConfig, return_predictions: bool = False) -> PredictResult:
     data: L.LightningDataModule | None = None
     if images is not None:
         inputs = resolve_inputs(preprocess, model, datamodule)
-        images.transform = inputs.transform()
+        images.inputs = inputs
         if any(not writer_class(task).table for task in model.tasks):
             images.check_distinct_stems()
         log.info("predicting %d images of %s (inputs %s)", len(images), source, inputs.as_dict())

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lightning_mtl.data.sources.images import IMAGE_SUFFIXES, is_image_file
+from lightning_mtl.data.sources.images import IMAGE_SUFFIXES, is_image_file, load_image
 from lightning_mtl.errors import ConfigError, DataError
+from lightning_mtl.prediction.inputs import InputSpec
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -40,14 +41,17 @@ def image_files(folder: str | Path) -> list[Path]:
 
 class ImageFolder(Dataset[dict[str, Any]]):
     """The images below ``root`` as ``{"image": C×H×W, "file": path relative to root, "size":
-    (H, W) of the file}``, through ``transform`` (a PIL RGB image -> tensor; it may be set after
-    the files are listed, once the model's inputs are known)."""
+    (H, W) of the file}``, each read as the training sources read theirs
+    (:func:`~lightning_mtl.data.sources.images.load_image`: RGB, resized to ``inputs.size`` by
+    the same interpolation, normalised with ``inputs``' statistics), so the model sees what it
+    was trained and evaluated on. ``inputs`` may be set after the files are listed, once the
+    model's inputs are known."""
 
-    def __init__(self, root: str | Path, transform: Any = None) -> None:
+    def __init__(self, root: str | Path, inputs: InputSpec | None = None) -> None:
         self.files = image_files(root)
         base = Path(root).expanduser()
         self.base = base if base.is_dir() else base.parent
-        self.transform = transform
+        self.inputs = inputs
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,20 +70,29 @@ class ImageFolder(Dataset[dict[str, Any]]):
             seen[stem] = path
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.inputs is None:
+            raise RuntimeError("ImageFolder.inputs is not set: the model's inputs are unknown")
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
+            with Image.open(path) as image:  # the header only: the file's own size
+                height, width = image.height, image.width
+            pixels = load_image(path, self.inputs.size, "input", self.inputs.normalization)
+        except DataError as error:  # load_image's, whose cause is PIL's error
+            raise _unreadable(path, error.__cause__ or error) from error
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise DataError(
-                f"cannot read image {path}: {error}. Expected a complete image file; remove it "
-                "from the input folder or replace it"
-            ) from error
+            raise _unreadable(path, error) from error
         return {
-            "image": self.transform(rgb),
+            "image": pixels,
             "file": path.relative_to(self.base).as_posix(),
-            "size": torch.tensor([rgb.height, rgb.width]),
+            "size": torch.tensor([height, width]),
         }
+
+
+def _unreadable(path: Path, error: BaseException) -> DataError:
+    return DataError(
+        f"cannot read image {path}: {error}. Expected a complete image file; remove it from the "
+        "input folder or replace it"
+    )
 
 
 class SplitData(L.LightningDataModule):

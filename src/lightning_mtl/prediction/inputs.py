@@ -1,7 +1,7 @@
-"""What ``mtl-predict`` and ``mtl-export`` feed the model: the normalisation, size and
-interpolation of its images (:class:`InputSpec`), resolved from ``preprocess`` (``data``,
-``backbone`` or explicit values), and the data settings taken over from (or compared with) those
-the checkpoint was trained with."""
+"""What ``mtl-predict`` and ``mtl-export`` feed the model: the normalisation and size of its
+images (:class:`InputSpec`; resized as the training sources resize theirs), resolved from
+``preprocess`` (``data``, ``backbone`` or explicit values), and the data settings taken over
+from (or compared with) those the checkpoint was trained with."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lightning_mtl.data.inputs import (
     share_backbone_inputs,
     share_task_targets,
 )
-from lightning_mtl.data.sources.base import as_size
+from lightning_mtl.data.sources.base import IMAGE_RESIZE, as_size
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.tasks import plain_container
 
@@ -41,34 +41,25 @@ INPUT_SETTINGS = ("normalization", "image_size", "sources")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model is fed: RGB images in [0, 1], resized to ``size`` (H, W) with
-    ``interpolation``, then ``(x - mean) / std`` per channel."""
+    """What the model is fed: RGB images in [0, 1], resized to ``size`` (H, W) as every training
+    source resizes its images (:data:`~lightning_mtl.data.sources.base.IMAGE_RESIZE`, through
+    :func:`~lightning_mtl.data.sources.images.load_image`), then ``(x - mean) / std`` per
+    channel."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     size: tuple[int, int]
-    interpolation: str
 
-    def transform(self) -> Any:
-        """timm's evaluation transform for these inputs (whole image resized, no crop)."""
-        from timm.data import create_transform
-
-        return create_transform(
-            input_size=(CHANNELS, *self.size),
-            interpolation=self.interpolation,
-            mean=self.mean,
-            std=self.std,
-            crop_pct=1.0,
-            crop_mode="squash",
-            is_training=False,
-        )
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(self.mean, self.std)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "size": list(self.size),
             "mean": list(self.mean),
             "std": list(self.std),
-            "interpolation": self.interpolation,
+            **IMAGE_RESIZE,
         }
 
 
@@ -105,8 +96,7 @@ def resolve_inputs(
     size = _named(image_size, {DATA: fed.size, BACKBONE: own.size})
     stats = stats or _explicit_normalization(normalization)
     size = size or _explicit_size(image_size)
-    interpolation = model.net.architecture.backbone.data_config().get("interpolation")
-    return InputSpec(_three(stats.mean), _three(stats.std), size, str(interpolation or "bilinear"))
+    return InputSpec(_three(stats.mean), _three(stats.std), size)
 
 
 def _named(value: Any, named: Mapping[str, Any]) -> Any:

@@ -143,11 +143,23 @@ def require(path: Path, dataset: str, layout: str, source: str) -> Path:
     return path
 
 
+#: How every source resizes its images (:func:`resize_image`): torch's bilinear interpolation
+#: with ``align_corners=False`` and no antialiasing. Prediction reads its images the same way, and
+#: an export's ``model.json`` states it, so a consumer feeds the model what it was trained on.
+IMAGE_RESIZE = {"interpolation": "bilinear", "antialias": False, "align_corners": False}
+
+
 def resize_image(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """Bilinear resize of a C×H×W float image (None: keep its size)."""
+    """Resize a C×H×W float image as :data:`IMAGE_RESIZE` says (None: keep its size)."""
     if size is None or tuple(image.shape[-2:]) == tuple(size):
         return image
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    return F.interpolate(
+        image[None],
+        size=size,
+        mode=str(IMAGE_RESIZE["interpolation"]),
+        antialias=bool(IMAGE_RESIZE["antialias"]),
+        align_corners=bool(IMAGE_RESIZE["align_corners"]),
+    )[0]
 
 
 def resize_dense(label: torch.Tensor, size: tuple[int, int] | None, nearest: bool) -> torch.Tensor:
