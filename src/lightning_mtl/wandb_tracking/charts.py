@@ -1,5 +1,7 @@
 """The charts of a whole run: the task weights' history (bounded, kept in the checkpoints so that
-a resumed run's chart starts at step 0) drawn as line charts, and the test metrics as a table."""
+a resumed run's chart starts at step 0) drawn as line charts, and the test metrics as a table.
+:class:`RunCharts` gathers both from the logged metrics; the logger draws them at the end of a
+stage."""
 
 from __future__ import annotations
 
@@ -88,3 +90,57 @@ def metrics_table(values: Mapping[str, float], tasks: Iterable[str] | None) -> A
     if not rows:
         return None
     return wandb.Table(columns=["task", "source", "metric", "value"], data=rows)
+
+
+class RunCharts:
+    """What the charts of a run are drawn from, gathered from the logged metrics: each task
+    weight's history (``train/weight/...``, kept in checkpoints) and the latest test values.
+
+    Each drawing returns only what is new: the weight charts when weights came since they were
+    last drawn, the test table when test values came since the last table."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, SeriesHistory] = {}
+        self._weights_stale = False  # weights came since the charts were last drawn
+        self.test_values: dict[str, float] = {}
+        self._test_stale = False
+
+    def observe(self, metrics: Mapping[str, Any], step: int | None) -> None:
+        """Keep the task weights (for the charts) and the test values (for the table)."""
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if key.startswith(WEIGHT_PREFIX) and step is not None:
+                self.weights.setdefault(key, SeriesHistory()).add(step, number)
+                self._weights_stale = True
+            elif key.startswith("test/"):
+                self.test_values[key] = number
+                self._test_stale = True
+
+    def new_weight_charts(self) -> list[tuple[str, Any]]:
+        """The weight charts (:func:`weight_charts`) if weights came since the last drawing."""
+        if not self.weights or not self._weights_stale:
+            return []
+        self._weights_stale = False
+        return list(weight_charts(self.weights))
+
+    def new_test_table(self, tasks: Iterable[str] | None) -> Any | None:
+        """The test table (:func:`metrics_table`) if test values came since the last one."""
+        if not self._test_stale:
+            return None
+        self._test_stale = False
+        return metrics_table(self.test_values, tasks)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the weights' history."""
+        return {key: history.state() for key, history in self.weights.items()}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Take a checkpoint's weights' history when resuming (not when this process has its
+        own history already: a test reading the best checkpoint after fitting)."""
+        if self.weights:
+            return
+        self.weights = {key: SeriesHistory.from_state(s) for key, s in saved.items()}
+        self._weights_stale = bool(self.weights)  # not drawn by this process yet

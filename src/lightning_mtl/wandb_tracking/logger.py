@@ -17,7 +17,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mtl.errors import ConfigError
-from lightning_mtl.wandb_tracking.charts import SeriesHistory, metrics_table, weight_charts
+from lightning_mtl.wandb_tracking.charts import RunCharts
 from lightning_mtl.wandb_tracking.connection import (
     OFFLINE_MODES,
     Mode,
@@ -26,7 +26,7 @@ from lightning_mtl.wandb_tracking.connection import (
     requested_mode,
     settings_with_timeout,
 )
-from lightning_mtl.wandb_tracking.keys import EPOCH_SPLITS, TEST_TABLE, WEIGHT_PREFIX, wandb_key
+from lightning_mtl.wandb_tracking.keys import EPOCH_SPLITS, TEST_TABLE, wandb_key
 from lightning_mtl.wandb_tracking.run_id import (
     new_run_id,
     resumed_checkpoint,
@@ -113,10 +113,7 @@ class WandbLogger(LightningWandbLogger):
         self.add_tasks(tasks or [])
         self.run_info: dict[str, Any] = {}
         self._axes: set[str] = set()
-        self.weights: dict[str, SeriesHistory] = {}
-        self._charts_stale = False  # weights came since the charts were last drawn
-        self.test_values: dict[str, float] = {}
-        self._test_logged = True
+        self.charts = RunCharts()
 
     # ---------------------------------------------------------------------------- the run
     @property
@@ -289,7 +286,7 @@ class WandbLogger(LightningWandbLogger):
     # ----------------------------------------------------------------------- the metrics
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self._observe(metrics, step)
+        self.charts.observe(metrics, step)
         renamed = {self.key(k): v for k, v in metrics.items()}
         self._define_axes(metrics)
         super().log_metrics(renamed, step)
@@ -311,42 +308,21 @@ class WandbLogger(LightningWandbLogger):
         """``key`` under the logger's ``prefix`` (Lightning's rule), as W&B receives it."""
         return f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key
 
-    def _observe(self, metrics: Mapping[str, Any], step: int | None) -> None:
-        """Keep the task weights (for the chart) and the test values (for the table)."""
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if key.startswith(WEIGHT_PREFIX) and step is not None:
-                self.weights.setdefault(key, SeriesHistory()).add(step, number)
-                self._charts_stale = True
-            elif key.startswith("test/"):
-                self.test_values[key] = number
-                self._test_logged = False
-
     @rank_zero_only
     def log_weight_charts(self) -> None:
         """The task weights as line charts, all tasks in one: ``weights/all_tasks`` (and
         ``weights/<place>/all_tasks`` for a method that weighs each meeting place); drawn again
         only when new weights came since the last drawing."""
-        if not self.weights or not self._charts_stale:
-            return
-        for name, chart in weight_charts(self.weights):
+        for name, chart in self.charts.new_weight_charts():
             self.experiment.log({self._prefixed(name): chart})
-        self._charts_stale = False
 
     @rank_zero_only
     def log_test_table(self) -> None:
         """The test metrics logged since the last table as a W&B Table ``test/metrics`` with
         the columns task, source (``all``, or a source of merged data), metric and value."""
-        if self._test_logged or not self.test_values:
-            return
-        table = metrics_table(self.test_values, self.tasks or None)
-        self._test_logged = True
-        if table is None:
-            return
-        self.experiment.log({self._prefixed(TEST_TABLE): table})
+        table = self.charts.new_test_table(self.tasks or None)
+        if table is not None:
+            self.experiment.log({self._prefixed(TEST_TABLE): table})
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -364,14 +340,10 @@ class WandbLogger(LightningWandbLogger):
     # ------------------------------------------------------------------ checkpoint state
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps: the run id and the task weights' history."""
-        return {
-            "run_id": self.run_id,
-            "weights": {key: history.state() for key, history in self.weights.items()},
-        }
+        return {"run_id": self.run_id, "weights": self.charts.state()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Take the weights' history of a checkpoint when resuming (not when this process has
-        its own history already: a test reading the best checkpoint after fitting)."""
+        """Take the weights' history of a checkpoint when resuming (:meth:`RunCharts.restore`)."""
         if not state:
             return
         stored_id = state.get("run_id")
@@ -382,11 +354,7 @@ class WandbLogger(LightningWandbLogger):
                 self._experiment.id,
                 self._id_source,
             )
-        if self.weights:
-            return
-        saved = state.get("weights") or {}
-        self.weights = {key: SeriesHistory.from_state(s) for key, s in saved.items()}
-        self._charts_stale = bool(self.weights)  # not drawn by this process yet
+        self.charts.restore(state.get("weights") or {})
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
