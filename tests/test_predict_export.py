@@ -299,9 +299,10 @@ def test_export_to_onnx_and_torchscript_matches_the_checkpoint(run: Path, tmp_pa
     # the onnxruntime snippet of docs/predict_export.md runs as written on this export
     page = (Path(__file__).parents[1] / "docs" / "predict_export.md").read_text()
     snippet = re.findall(r"```python\n(.*?)```", page, re.S)[-1]
-    image = tmp_path / "scene.png"  # larger than the model's 32 px, so the resize counts
-    pixels = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(image)
+    # a JPEG over twice the model's 32 px: decoded at half scale (PIL's draft), then resized
+    image = tmp_path / "scene.jpg"
+    pixels = np.random.default_rng(5).integers(0, 256, (72, 100, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image, quality=90)
     snippet = snippet.replace("logs/train/runs/<date_time>/export", str(folder))
     namespace: dict = {}
     exec(compile(snippet.replace('"scene.png"', repr(str(image))), "snippet", "exec"), namespace)

@@ -13,7 +13,8 @@ for segmentation; multi-label sigmoid scores; regression values; depth maps; uni
 the heads' raw logits (``activation=false``). ONNX output names are the task names; the
 TorchScript module returns ``Dict[str, Tensor]``. ``model.json`` beside the files records the
 input (shape, dtype, layout, mean, std, size; from ``configs/preprocess/``, as ``mtl-predict``
-prepares images), each output's kind, shape and meaning, and the check's numbers.
+prepares images; and the resize: interpolation, antialias, align_corners), each output's kind,
+shape and meaning, and the check's numbers.
 
 **Exporters.** ONNX goes through ``torch.onnx.export(..., dynamo=True)`` (``torch.export``
 then onnxscript), the exporter torch maintains. The older TorchScript-based ONNX exporter

@@ -16,9 +16,9 @@ checkpoint.
 .tif .tiff``, recursively; a single image file works too) with the reader of the training
 sources (:func:`~lightning_mtl.data.sources.images.load_image`): RGB, the whole image resized
 to the input size by the same interpolation (no crop), normalised with the statistics
-``preprocess`` resolves. So the model sees an image as training and evaluation prepared it, and
-dense outputs map back onto the image and are written at its own size. ``input=null`` predicts on the data config's ``split``
-(``test`` or ``val``), prepared as in evaluation.
+``preprocess`` resolves. So the model sees an image as evaluation prepared it, and dense
+outputs map back onto the image and are written at its own size. ``input=null`` predicts on the
+data config's ``split`` (``test`` or ``val``), prepared as in evaluation.
 
 **Preprocessing** (``configs/preprocess/default.yaml``, shared with ``mtl-export``): the mean, std
 and size are those the model was trained with. ``data`` (the default) takes them from the data

@@ -120,11 +120,14 @@ class RunCharts:
                 self._test_stale = True
 
     def new_weight_charts(self) -> list[tuple[str, Any]]:
-        """The weight charts (:func:`weight_charts`) if weights came since the last drawing."""
+        """The weight charts (:func:`weight_charts`) if weights came since the last drawing
+        (call :meth:`weights_drawn` once they are logged: a failed drawing is tried again)."""
         if not self.weights or not self._weights_stale:
             return []
-        self._weights_stale = False
         return list(weight_charts(self.weights))
+
+    def weights_drawn(self) -> None:
+        self._weights_stale = False
 
     def new_test_table(self, tasks: Iterable[str] | None) -> Any | None:
         """The test table (:func:`metrics_table`) if test values came since the last one."""

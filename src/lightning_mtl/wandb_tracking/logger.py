@@ -315,6 +315,7 @@ class WandbLogger(LightningWandbLogger):
         only when new weights came since the last drawing."""
         for name, chart in self.charts.new_weight_charts():
             self.experiment.log({self._prefixed(name): chart})
+        self.charts.weights_drawn()
 
     @rank_zero_only
     def log_test_table(self) -> None:

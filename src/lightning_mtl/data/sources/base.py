@@ -50,7 +50,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -146,7 +147,9 @@ def require(path: Path, dataset: str, layout: str, source: str) -> Path:
 #: How every source resizes its images (:func:`resize_image`): torch's bilinear interpolation
 #: with ``align_corners=False`` and no antialiasing. Prediction reads its images the same way, and
 #: an export's ``model.json`` states it, so a consumer feeds the model what it was trained on.
-IMAGE_RESIZE = {"interpolation": "bilinear", "antialias": False, "align_corners": False}
+IMAGE_RESIZE: Final[Mapping[str, str | bool]] = MappingProxyType(
+    {"interpolation": "bilinear", "antialias": False, "align_corners": False}
+)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
