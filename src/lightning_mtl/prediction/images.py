@@ -41,11 +41,11 @@ def image_files(folder: str | Path) -> list[Path]:
 
 class ImageFolder(Dataset[dict[str, Any]]):
     """The images below ``root`` as ``{"image": C×H×W, "file": path relative to root, "size":
-    (H, W) of the file}``, each read as the training sources read theirs
+    (H, W) of the file}``, each read as the sources read their evaluation images
     (:func:`~lightning_mtl.data.sources.images.load_image`: RGB, resized to ``inputs.size`` by
     the same interpolation, normalised with ``inputs``' statistics), so the model sees what it
-    was trained and evaluated on. ``inputs`` may be set after the files are listed, once the
-    model's inputs are known."""
+    was evaluated on. ``inputs`` may be set after the files are listed, once the model's inputs
+    are known."""
 
     def __init__(self, root: str | Path, inputs: InputSpec | None = None) -> None:
         self.files = image_files(root)
