@@ -37,10 +37,12 @@ shows ``n/a``; one not measured at a task count shows ``—``.
 
 Targets (the column ``target`` and the lines under the table): the params level at most 2.5×
 equal at 3 tasks, the representation level at most 1.3× equal at 40 tasks, each read where
-the run measured it. Where the params level is measured, the row ``k backward (floor)`` is its
-floor on the machine at hand (:class:`FloorRunner`: one forward and k plain backward passes,
-nothing else), and the line under the table gives each params-level row over that floor: the
-2.5× target assumes a backward pass of about twice a forward one, which a CPU may not give.
+the run measured it. Where the params level is measured, the row ``k full backward`` is the
+floor of the explicit Jacobian on the machine at hand (:class:`FloorRunner`: one forward and k
+plain backward passes, nothing else), and the line under the table gives each params-level row
+over it. The ghost engine (``weighting/ghost_gram.py``, taken where its plan says it is cheaper,
+e.g. 32 px) skips the weight gradients of the layers it reads in those k passes, so its rows
+can go below that row.
 
 The measuring machinery (the step, the paired rounds, the clocks, the CPU peak memory) lives in
 ``benchmarks/measure.py``, shared with ``benchmarks/architectures.py``.
@@ -72,8 +74,9 @@ allocated before the step. On CPU no allocator keeps a peak, and neither the pro
 one step (after the warm-up) runs under ``torch.profiler.profile(profile_memory=True)``: every
 allocation and free of the CPU allocator is recorded with its size and time, and the peak is
 the maximum of their running sum. That sees exactly the tensors that gradient methods add:
-the k×|z| task gradients of the representation and, at ``level=params``, the k×|θ_m| Jacobian
-block of one backbone module at a time (torchjd's autogram engine; never the k×D Jacobian).
+the k×|z| task gradients of the representation and, at ``level=params``, the k×D Jacobian
+(where it is formed), the ghost engine's k output gradients of the layers it reads, or the
+k×|θ_m| block of one module at a time (torchjd's autogram engine, above the Jacobian budget).
 Memory is deterministic, so one step per method suffices. The representation gradients are
 freed before the backward pass, which (with the optimizer step) sets the peak, so at the
 representation level they barely move it.
@@ -141,9 +144,9 @@ from measure import (
 
 LEVELS = ("representation", "params")
 REFERENCE = "equal"
-#: the params level's floor row: one forward, then each task's loss back-propagated through the
-#: whole network on its own (k backward passes), the optimizer step; no G, no rule, no Jᵀw
-FLOOR = "k backward (floor)"
+#: the explicit Jacobian's floor row: one forward, then each task's loss back-propagated through
+#: the whole network on its own (k backward passes), the optimizer step; no G, no rule, no Jᵀw
+FLOOR = "k full backward"
 NO_LEVEL = "-"
 NOT_RUN = "—"
 #: at this many tasks, CelebA's setting: one binary head per attribute (see attribute_labels)
@@ -283,12 +286,13 @@ def make_variants(
 
 
 class FloorRunner(Runner):
-    """The floor of any params-level step: the forward pass, then every task's loss
+    """The floor of the explicit Jacobian: the forward pass, then every task's loss
     back-propagated through the whole network on its own (``k`` backward passes, the gradients
-    adding up into ``.grad``), then the optimizer step. A params-level method needs at least
-    these k passes to have k task gradients of the parameters; what it costs above this row is
-    its own (G, the rule, ``Jᵀw``, hooks). Measured side by side with the methods, so the ratio
-    of a backward to a forward pass on the machine at hand is in the table."""
+    adding up into ``.grad``), then the optimizer step. A step that forms the k task gradients
+    of every parameter needs at least these k passes; what it costs above this row is its own
+    (G, the rule, ``Jᵀw``). The ghost engine forms G without the weight gradients of the layers
+    it reads, so it can cost less than this row. Measured side by side with the methods, so the
+    ratio of a backward to a forward pass on the machine at hand is in the table."""
 
     def step(self) -> None:
         module, index = self.module, self.module.step_count
@@ -462,9 +466,10 @@ def print_table(
             over = sorted(r[0] / floor[0] for v, r in rows if not v.update_every)
             if over:
                 print(
-                    f"floor at {target.tasks} tasks: one forward + {target.tasks} backward passes "
-                    f"= {floor[0]:.2f}× equal; the params-level rows (every step computing the "
-                    f"weights) cost {over[0]:.2f}-{over[-1]:.2f}× that floor, median "
+                    f"k full backward at {target.tasks} tasks (the explicit Jacobian's floor): one "
+                    f"forward + {target.tasks} backward passes = {floor[0]:.2f}× equal; the "
+                    f"params-level rows (every step computing the weights) cost "
+                    f"{over[0]:.2f}-{over[-1]:.2f}× that, median "
                     f"{statistics.median(over):.2f}"
                 )
 

@@ -154,7 +154,8 @@ def test_rules_reading_the_jacobian_or_the_cross_half_gram_get_them_exactly(
         original = getattr(method, hook)
 
         def spy(*args, _original=original, _name=name):
-            seen[_name] = args[:2] if _name == "modo" else args[0]
+            # J is the step's own buffer, which then holds Jᵀw: keep a copy
+            seen[_name] = args[:2] if _name == "modo" else args[0].clone()
             return _original(*args)
 
         monkeypatch.setattr(method, hook, spy)

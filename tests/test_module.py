@@ -144,10 +144,13 @@ def test_gradient_method_step_gives_heads_their_own_gradient_and_backbone_jacobi
     batch = batch_of(4)
     batch["mask"]["count"] = torch.tensor([True, False, True, False])
     module.training_step(batch, 0).backward()
-    # params level within the budget: the k×D Jacobian from one batched backward; with a zero
-    # budget G came from the autogram engine (no k×D Jacobian). No hook left after the step.
+    # params level within the budget: the ghost engine is hooked, and its plan chose the ghost
+    # products or (these image sizes) the Jacobian; with a zero budget G came from the autogram
+    # engine (no k×D Jacobian). No hook left after the step.
     engine = module.weighting._gramians.get("backbone")
     assert (engine is not None and engine.used) == (level == "params" and budget == 0)
+    if level == "params":
+        assert type(engine).__name__ == ("SharedGramian" if budget == 0 else "GhostGram")
     backbone_module = module.net.architecture.backbone
     assert all(not m._forward_hooks for m in backbone_module.modules())
     got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}

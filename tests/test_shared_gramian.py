@@ -111,14 +111,16 @@ def test_engine_gram_equals_explicit_gram_and_batch_norm_statistics_are_untouche
     torch.testing.assert_close(gram, gram_plain, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads, grads_plain, rtol=1e-4, atol=1e-6)
 
-    # within the Jacobian budget (the default): no hook, one k-batched backward pass, and Jᵀw
-    # put into the parameters directly; the same G and the same update again
-    batched = build_weighting("upgrad", TASKS, level="params")
+    # within the Jacobian budget (the default) a prepared step hooks the ghost engine
+    # (ghost_gram.py, tested in test_ghost_gram.py), whose plan leaves these 8×8 maps to the
+    # Jacobian (one batched backward, Jᵀw put into the parameters): the same G and update again
+    ghost = build_weighting("upgrad", TASKS, level="params")
     third = backbone()
-    gram_batched, grads_batched, _ = run_step(batched, third, images)
-    assert "shared" not in batched._gramians and not any(m._forward_hooks for m in third.modules())
-    torch.testing.assert_close(gram, gram_batched, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(grads, grads_batched, rtol=1e-4, atol=1e-6)
+    gram_ghost, grads_ghost, _ = run_step(ghost, third, images)
+    assert type(gramian(ghost)).__name__ == "GhostGram" and not gramian(ghost).used
+    assert not any(m._forward_hooks for m in third.modules())
+    torch.testing.assert_close(gram, gram_ghost, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads, grads_ghost, rtol=1e-4, atol=1e-6)
 
 
 def test_engine_follows_freezing_absent_tasks_and_scaled_fp16_style_steps() -> None:

@@ -171,53 +171,54 @@ class MultiTaskModule(L.LightningModule):
         images = self._images(batch)
         context = self._step_context()
         balancer = self.weighting
-        balancer.prepare(self.net.architecture.places, context.world_size)
-        # Gradient methods: the modules after each meeting place read it detached (cut), so the
-        # task gradients there cost backward passes through those modules only.
-        out = self.net.forward_features(images, cut=balancer.needs_gradients)
-        outputs = self.net.forward_heads(out.features, images.shape[-2:], out.meetings)
-        losses, labelled = self.task_losses(outputs, batch)
-        # NaN/inf losses, before the balancer sees them: skip the step, or drop those tasks
-        check = check_losses(losses, balancer.tasks, context.all_reduce, self.device)
-        if check.bad:
-            rank_zero = self._trainer is None or self._trainer.is_global_zero
-            if self.nonfinite.on_bad_losses(self.global_step, check, losses, rank_zero):
-                # A zero loss whose zero gradient reaches every parameter from the parameters
-                # themselves (Lightning refuses a None under DDP, and DDP wants every gradient);
-                # then optimizer_step skips the optimizer and the guard restores the state.
-                self.step_record = None
-                return parameter_zero_term(self)
-            losses = {t: v for t, v in losses.items() if t not in check.bad}
-            labelled = {t: v for t, v in labelled.items() if t not in check.bad}
-        context.meetings = out.meetings
-        if balancer.needs_gradients:
-            context.downstream = self._downstream_parameters()
-        if context.all_reduce is not None and balancer.reads_loss_values:
-            context.global_losses = global_loss_values(
-                losses, balancer.tasks, context.all_reduce, self.device
-            )
-        size = images.shape[0]
-        # A zero term per task without labels keeps its head in the graph, so DDP (with the
-        # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
-        # batch with no label at all gives a zero loss that still back-propagates.
-        terms = [
-            outputs[t.name].sum() * 0.0
-            for t in self.tasks
-            if t.name not in losses and t.name not in check.bad
-        ]
-        if check.bad:  # a dropped task's outputs may be NaN: zero gradients from the parameters
-            terms.append(parameter_zero_term(self))
-        if losses or balancer.needs_gradients or context.global_losses is not None:
-            # under DDP a balancer runs even without a local loss: it joins the all-reduces, and
-            # methods with state update it like the other ranks
-            combined = balancer(losses, context)
-            terms.insert(0, combined.loss)
-            shown = {f"train/weight/{t}": w for t, w in combined.weights.items()}
-            for place, weights in combined.places.items():
-                shown.update({f"train/weight/{place}/{t}": w for t, w in weights.items()})
-            self.log_dict(shown, batch_size=size)
-        else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
-            terms.append(balancer.zero_term())
+        # params-level gradient methods hook the architecture for the step's forward and G
+        with balancer.hooked(self.net.architecture.places, context.world_size, context.step):
+            # Gradient methods: the modules after each meeting place read it detached (cut), so the
+            # task gradients there cost backward passes through those modules only.
+            out = self.net.forward_features(images, cut=balancer.needs_gradients)
+            outputs = self.net.forward_heads(out.features, images.shape[-2:], out.meetings)
+            losses, labelled = self.task_losses(outputs, batch)
+            # NaN/inf losses, before the balancer sees them: skip the step, or drop those tasks
+            check = check_losses(losses, balancer.tasks, context.all_reduce, self.device)
+            if check.bad:
+                rank_zero = self._trainer is None or self._trainer.is_global_zero
+                if self.nonfinite.on_bad_losses(self.global_step, check, losses, rank_zero):
+                    # A zero loss whose zero gradient reaches every parameter from the parameters
+                    # themselves (Lightning refuses a None under DDP, and DDP wants every gradient);
+                    # then optimizer_step skips the optimizer and the guard restores the state.
+                    self.step_record = None
+                    return parameter_zero_term(self)
+                losses = {t: v for t, v in losses.items() if t not in check.bad}
+                labelled = {t: v for t, v in labelled.items() if t not in check.bad}
+            context.meetings = out.meetings
+            if balancer.needs_gradients:
+                context.downstream = self._downstream_parameters()
+            if context.all_reduce is not None and balancer.reads_loss_values:
+                context.global_losses = global_loss_values(
+                    losses, balancer.tasks, context.all_reduce, self.device
+                )
+            size = images.shape[0]
+            # A zero term per task without labels keeps its head in the graph, so DDP (with the
+            # default find_unused_parameters=False) gets a gradient, zero, for every parameter; a
+            # batch with no label at all gives a zero loss that still back-propagates.
+            terms = [
+                outputs[t.name].sum() * 0.0
+                for t in self.tasks
+                if t.name not in losses and t.name not in check.bad
+            ]
+            if check.bad:  # a dropped task's outputs may be NaN: zero gradients from the parameters
+                terms.append(parameter_zero_term(self))
+            if losses or balancer.needs_gradients or context.global_losses is not None:
+                # under DDP a balancer runs even without a local loss: it joins the all-reduces, and
+                # methods with state update it like the other ranks
+                combined = balancer(losses, context)
+                terms.insert(0, combined.loss)
+                shown = {f"train/weight/{t}": w for t, w in combined.weights.items()}
+                for place, weights in combined.places.items():
+                    shown.update({f"train/weight/{place}/{t}": w for t, w in weights.items()})
+                self.log_dict(shown, batch_size=size)
+            else:  # the balancer's learned parameters (uncertainty, IMTL-L) get a zero gradient too
+                terms.append(balancer.zero_term())
         total = sum(terms[1:], start=terms[0])
         self._log_train_losses(losses, total, context, size)
         self.step_record = StepRecord(losses, out.meetings, context.grad_scale, batch_idx)
@@ -326,9 +327,6 @@ class MultiTaskModule(L.LightningModule):
     def on_train_start(self) -> None:
         # frozen batch norm (all its parameters frozen) keeps its statistics: eval mode
         self.net.architecture.train(self.training)
-
-    def on_train_end(self) -> None:
-        self.weighting.prepare(None)  # remove any hooks a balancer put on the architecture
 
     # ------------------------------------------------------------------------------------- set-up
     def check_against_batch(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:

@@ -30,7 +30,8 @@ are optimised by the model's single optimizer, in a parameter group without weig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -111,10 +112,25 @@ class Weighting(nn.Module):
     def combine(self, losses: Mapping[str, torch.Tensor], context: StepContext) -> Combined:
         raise NotImplementedError
 
-    def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
+    def prepare(
+        self, places: Sequence[MeetingPlace] | None, world_size: int = 1, step: int | None = None
+    ) -> None:
         """Called before each training step's forward pass with the architecture's meeting
-        places (None at the end of fit); a method that hooks the modules upstream of them
-        (params-level gradient methods) does it here. Default: nothing."""
+        places (None after the step) and the step's number; a method that hooks the modules
+        upstream of them (params-level gradient methods) does it here. Default: nothing."""
+
+    @contextmanager
+    def hooked(
+        self, places: Sequence[MeetingPlace], world_size: int = 1, step: int | None = None
+    ) -> Iterator[None]:
+        """:meth:`prepare` for the body of a training step and ``prepare(None)`` after it, also
+        when the step returns early (a skipped step) or raises: no hook, and no recorded
+        activation with its graph, outlives the step."""
+        self.prepare(places, world_size, step)
+        try:
+            yield
+        finally:
+            self.prepare(None)
 
     def zero_term(self) -> torch.Tensor:
         """Zero, with a (zero) gradient for the method's own parameters (learned weights), so

@@ -33,6 +33,8 @@ from lightning_mtl.weighting.registry import WEIGHTINGS
 #: the constants of the paper's official code (and torchjd's), inside the √ and the baseline
 CURVATURE_EPS = 1e-7
 BASELINE_EPS = 1e-7
+#: columns per block of the elementwise passes over J and S (in cache; no k×D temporary)
+_BLOCK = 1 << 18
 
 
 @WEIGHTINGS.register("excess_mtl")
@@ -115,13 +117,12 @@ class ExcessMTL(GradientWeighting):
         jacobian = jacobian.detach()
         if m == 0:
             return torch.zeros(0, dtype=torch.float64, device=jacobian.device)
-        if not bool(torch.isfinite(jacobian).all()):
-            return torch.full((m,), math.nan, dtype=torch.float64, device=jacobian.device)
         accumulator = self._accumulator(jacobian)
         index = torch.tensor(present, device=accumulator.device)
-        squared = jacobian.to(accumulator) ** 2
-        summed = accumulator[index] + squared
-        risk = (squared / torch.sqrt(summed + CURVATURE_EPS)).sum(dim=1).to(self.log_weights)
+        risk, finite = _excess_risks(jacobian, accumulator, present)
+        if not finite:
+            return torch.full((m,), math.nan, dtype=torch.float64, device=jacobian.device)
+        risk = risk.to(self.log_weights)
 
         index = index.to(self.log_weights.device)
         warm = self.steps[index] < self.n_warmup
@@ -135,10 +136,13 @@ class ExcessMTL(GradientWeighting):
             scaled = torch.where(fresh, risk, risk / (baseline + BASELINE_EPS))
         step = torch.where(warm, torch.zeros_like(scaled), self.step_size * scaled)
         log_weights = torch.log_softmax(self.log_weights[index] + step, dim=0)
-        if not bool(torch.isfinite(log_weights).all() and torch.isfinite(summed).all()):
+        if not bool(torch.isfinite(log_weights).all()):
             return torch.full((m,), math.nan, dtype=torch.float64, device=jacobian.device)
 
-        accumulator[index.to(accumulator.device)] = summed
+        for row, task in enumerate(present):  # S ← S + g², in place, block by block
+            for start in range(0, jacobian.shape[1], _BLOCK):
+                block = jacobian[row, start : start + _BLOCK].to(accumulator)
+                accumulator[task, start : start + _BLOCK].add_(block.square())
         self.warmup_sum[index] = warmup_sum
         self.baseline[index] = baseline
         self.has_baseline[index] |= ~warm
@@ -164,3 +168,24 @@ class ExcessMTL(GradientWeighting):
         if isinstance(saved, torch.Tensor):
             self.sq_grad_sum = torch.empty_like(saved, device=self.sq_grad_sum.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _excess_risks(
+    jacobian: torch.Tensor, accumulator: torch.Tensor, present: list[int]
+) -> tuple[torch.Tensor, bool]:
+    """``Êᵢ = Σ_d gᵢ_d² / √(Sᵢ_d + gᵢ_d² + ε)`` for the present tasks' rows of J (float64), and
+    whether J, S + g² and Ê are all finite; S is not changed. Taken ``_BLOCK`` columns at a
+    time, so no m×D temporary is allocated: the whole-matrix expression made five (its weights
+    took 1.4 s for resnet18's 11.2 M parameters at 3 tasks on one CPU thread, 0.32 s this way
+    with the update of S)."""
+    risk = torch.zeros(len(present), dtype=torch.float64, device=jacobian.device)
+    # Σ (S + g²) in float64 (no overflow: at most D·3.4e38): finite iff every entry is, in one
+    # reduction per block (isfinite(...).all() took four elementwise passes); one host sync
+    check = torch.zeros((), dtype=torch.float64, device=jacobian.device)
+    for row, task in enumerate(present):
+        for start in range(0, jacobian.shape[1], _BLOCK):
+            squared = jacobian[row, start : start + _BLOCK].to(accumulator).square()
+            summed = accumulator[task, start : start + _BLOCK] + squared
+            check += summed.sum(dtype=torch.float64)
+            risk[row] += squared.div_(summed.add_(CURVATURE_EPS).sqrt_()).sum(dtype=torch.float64)
+    return risk, bool(torch.isfinite(check) & torch.isfinite(risk).all())

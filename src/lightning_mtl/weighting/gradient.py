@@ -12,9 +12,11 @@ Hard sharing has one (the backbone's output); a branching tree one per node. One
    across nested places the chain rule runs through the cuts (:func:`balance`);
 2. at each place, G comes from those gradients (``level=representation``, the MGDA-UB trick of
    Sener & Koltun 2018) or from the gradients of the place's shared parameters θ
-   (``level=params``: one more backward pass per task, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``; the k×D
-   Jacobian where it fits ``jacobian_budget_mb``, else G alone by torchjd's autogram engine;
-   :mod:`~lightning_mtl.weighting.rule_inputs` forms what the rule reads);
+   (``level=params``: one more backward pass per task, ``∂Lᵢ/∂θ = (∂z/∂θ)ᵀ ∂Lᵢ/∂z``; within
+   ``jacobian_budget_mb`` G from the layers' ghost products where they are cheaper
+   (:mod:`~lightning_mtl.weighting.ghost_gram`, one process) or else from the k×D Jacobian,
+   above it G alone by torchjd's autogram engine; :mod:`~lightning_mtl.weighting.rule_inputs`
+   forms what the rule reads);
 3. ``w = rule(G)`` (detached; under DDP G is global, so every rank gets the same w; guarded
    and cached for ``update_every`` in :mod:`~lightning_mtl.weighting.rule_step`);
 4. the step returns ``Σ Lᵢ + Σ_places (⟨z, Σ wᵢ ∂Lᵢ/∂z'⟩ − the same, detached)``. Lightning's one
@@ -54,6 +56,7 @@ import torch
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import LEVELS, Meeting, MeetingPlace
 from lightning_mtl.weighting.base import Combined, StepContext, Weighting
+from lightning_mtl.weighting.ghost_gram import GhostGram
 from lightning_mtl.weighting.meetings import LeafGrads, balance, check_gradient_step
 from lightning_mtl.weighting.rule_step import meet_at, reused_at
 from lightning_mtl.weighting.shared_gramian import SharedGramian
@@ -120,8 +123,9 @@ class GradientWeighting(Weighting):
         self.last_gram: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._warned_inactive: set[str] = set()
-        #: one params-level Gram engine per meeting place (by name)
-        self._gramians: dict[str, SharedGramian] = {}
+        #: the params-level Gram engine serving each meeting place (by name) this step
+        self._gramians: dict[str, GhostGram | SharedGramian] = {}
+        self._engines: dict[tuple[str, str], GhostGram | SharedGramian] = {}
 
     def configure(
         self, update_every: int = 1, jacobian_budget_mb: float = JACOBIAN_BUDGET_MB
@@ -147,18 +151,29 @@ class GradientWeighting(Weighting):
         state_dict.setdefault(prefix + "cached_weights", self.cached_weights.clone())
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
-        """Before a step's forward pass, at the params level of a single process, when the
-        Jacobian would not fit ``jacobian_budget_mb``: hook each place's modules so that G comes
-        without the k×D Jacobian (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks
-        them all. Without this call (or under DDP) the params level forms the Jacobian."""
+    def prepare(
+        self, places: Sequence[MeetingPlace] | None, world_size: int = 1, step: int | None = None
+    ) -> None:
+        """Before a step's forward pass, at the params level of a single process: hook each
+        place's modules so that G may come without the k×D Jacobian, from the ghost products
+        where the Jacobian would fit ``jacobian_budget_mb`` (:mod:`~lightning_mtl.weighting.
+        ghost_gram`, which may still leave the step to the Jacobian), else from torchjd's
+        autogram engine (:mod:`~lightning_mtl.weighting.shared_gramian`); None unhooks them
+        all. Without this call (or under DDP) the params level forms the Jacobian. A ``step``
+        that reuses the weights (``update_every``) forms no G, so nothing is hooked for it."""
         for gramian in self._gramians.values():
             gramian.close()
         if places is None or self.level != "params" or world_size != 1 or self.needs_jacobian:
             return
+        if step is not None and not self.updates_now(step):
+            return
         for place in places:
-            if not self._jacobian_fits(place):
-                self._gramians.setdefault(place.name, SharedGramian()).prepare(place)
+            # both engines of a place are kept: one switched off stays off when the budget
+            # (the trainable parameters, with gradual unfreezing) moves the place between them
+            kind = GhostGram if self._jacobian_fits(place) else SharedGramian
+            engine = self._engines.setdefault((place.name, kind.__name__), kind())
+            self._gramians[place.name] = engine
+            engine.prepare(place)
 
     def _jacobian_fits(self, place: MeetingPlace) -> bool:
         rows = len(place.tasks) * (2 if self.needs_cross_gram else 1)
@@ -203,7 +218,8 @@ class GradientWeighting(Weighting):
         context: StepContext,
     ) -> torch.Tensor:
         """With ``needs_jacobian``: weights from the present tasks' m×D Jacobian (float32,
-        global under DDP)."""
+        global under DDP). It is the step's own buffer, not a copy (the step then sums ``Jᵀw``
+        into it): read it here, keep no reference."""
         raise NotImplementedError
 
     def cross_gram_weights(

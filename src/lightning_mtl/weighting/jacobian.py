@@ -10,9 +10,10 @@ times (fewer, larger kernels; the Python overhead of one pass). The rule's combi
 ``Jᵀw`` is then a k×D matrix-vector product, put straight into the parameters' ``.grad`` by
 :func:`inject_into_parameters` during Lightning's backward: the backbone is not traversed a
 second time. Cost per step: the forward, the heads' backward and one k-batched backbone backward
-(about ``1 + k`` backward passes of compute, against the Gram-only engine's ``1 + k + 1`` and
-its Python hooks); memory: the k×D Jacobian (float32; ``weighting.jacobian_budget_mb`` chooses
-the Gram-only engine above it).
+(about ``1 + k`` backward passes of compute, against the Gram-only engines' ``1 + k + 1``);
+memory: the k×D Jacobian (float32; ``weighting.jacobian_budget_mb`` chooses torchjd's Gram-only
+engine above it). Within the budget :mod:`~lightning_mtl.weighting.ghost_gram` takes a step
+instead where its ghost products save more than that extra backward (small feature maps).
 
 :func:`cross64` forms ``G = J Jᵀ`` in float64, in column blocks of at most 2¹⁶ numbers per row
 so that the float64 copy never exceeds ``8·k·2¹⁶`` bytes (the params level's Jacobian is
@@ -92,6 +93,8 @@ class ParameterJacobian:
         per_row: Sequence[Sequence[torch.Tensor]] | None = None,
     ) -> None:
         self.params = list(params)
+        #: the m×D matrix whose column blocks ``blocks`` are (:meth:`with_matrix`), else None
+        self._matrix: torch.Tensor | None = None
         self._blocks = None if blocks is None else [b.reshape(b.shape[0], -1) for b in blocks]
         self._per_row = None if per_row is None else [[g.reshape(-1) for g in r] for r in per_row]
 
@@ -152,20 +155,30 @@ class ParameterJacobian:
                 if i != pivot and factor != 0.0 and w[i] != 0.0:
                     total.add_(part, alpha=w[i] / factor)
             out.append(total.view(p.shape))
-        self._blocks = self._per_row = None  # its pivot row now holds the sum
+        self._blocks = self._per_row = self._matrix = None  # its pivot row now holds the sum
         return out, (factor if factor != 0.0 else 1.0)
 
     def matrix(self) -> torch.Tensor:
-        """The m×D matrix (one copy), for all-reducing and for rules that read J itself."""
+        """The m×D matrix, for all-reducing and for rules that read J itself: one copy of the
+        blocks or rows, none when it was built from a matrix (:meth:`with_matrix`)."""
+        if self._matrix is not None:
+            return self._matrix
         if self._blocks is not None:
             return torch.cat(self._blocks, dim=1)
         assert self._per_row is not None
-        return torch.stack([torch.cat(row) for row in self._per_row])
+        rows = self._per_row
+        width = sum(int(part.numel()) for part in rows[0]) if rows else 0
+        out = torch.empty(len(rows), width, device=self.params[0].device)
+        for r, row in enumerate(rows):  # straight into the matrix (stack(cat) copied twice)
+            torch.cat(row, out=out[r])
+        return out
 
     def with_matrix(self, matrix: torch.Tensor) -> ParameterJacobian:
         """The same parameters with the blocks of ``matrix`` (views)."""
         sizes = [p.numel() for p in self.params]
-        return ParameterJacobian(self.params, blocks=torch.split(matrix, sizes, dim=1))
+        jacobian = ParameterJacobian(self.params, blocks=torch.split(matrix, sizes, dim=1))
+        jacobian._matrix = matrix
+        return jacobian
 
 
 def parameter_jacobian(

@@ -57,9 +57,11 @@ class PlaceBalancer(Weighting):
         """The Gram matrix of the first place (the one nearest the images)."""
         return self.root.last_gram
 
-    def prepare(self, places: Sequence[MeetingPlace] | None, world_size: int = 1) -> None:
+    def prepare(
+        self, places: Sequence[MeetingPlace] | None, world_size: int = 1, step: int | None = None
+    ) -> None:
         for place in self.places:
-            self.rule_at(place.name).prepare(None if places is None else [place], world_size)
+            self.rule_at(place.name).prepare(None if places is None else [place], world_size, step)
 
     def forward(
         self, losses: Mapping[str, torch.Tensor], context: StepContext | None = None

@@ -4,8 +4,9 @@ parameters' Jacobian and the cross-half Gram matrix ``J₁J₂ᵀ``; with the DD
 makes them global. The step that uses them is :mod:`lightning_mtl.weighting.gradient`.
 
 At the representation level G is summed leaf by leaf over the tasks reaching each leaf
-(:func:`place_gram`); at the params level from the Gram-only engine
-(:mod:`~lightning_mtl.weighting.shared_gramian`) when it is active, else from the Jacobian
+(:func:`place_gram`); at the params level from the place's Gram engine when it is active and
+serves the step (:mod:`~lightning_mtl.weighting.ghost_gram` within the Jacobian budget,
+:mod:`~lightning_mtl.weighting.shared_gramian` above it), else from the Jacobian
 (:mod:`~lightning_mtl.weighting.jacobian`), whose rows the step then combines into ``Jᵀw``.
 """
 
@@ -66,7 +67,9 @@ def rule_inputs(
         ]
     gramian = method._gramians.get(meeting.place.name)
     if context.all_reduce is None and gramian is not None and gramian.active:
-        engine_gram = gramian.gramian(cotangents, meeting.tensors, context.grad_scale)
+        engine_gram = gramian.gramian(
+            cotangents, meeting.tensors, context.grad_scale, method.exact_gram
+        )
         if engine_gram is not None:
             return Solved.of(engine_gram.double(), local, k, shares)
     params = meeting.place.trainable_parameters()
@@ -75,14 +78,17 @@ def rule_inputs(
     if context.all_reduce is not None or method.needs_jacobian:
         # k rows (per half) in task order: the rule reads J, or J is all-reduced
         width = sum(p.numel() for p in params)
-        full = torch.zeros(len(shares) * k, width, device=stats.device)
-        index = torch.tensor(
-            [i + h * k for h in range(len(shares)) for i in local],
-            dtype=torch.long,
-            device=full.device,
-        )
-        if local:
-            full[index] = jacobian.matrix()
+        if local == list(range(k)) and len(shares) == 1:
+            full = jacobian.matrix()  # every task has its row already, in order: no scatter
+        else:
+            full = torch.zeros(len(shares) * k, width, device=stats.device)
+            index = torch.tensor(
+                [i + h * k for h in range(len(shares)) for i in local],
+                dtype=torch.long,
+                device=full.device,
+            )
+            if local:
+                full[index] = jacobian.matrix()
         if context.all_reduce is not None:
             full = reduce_with(full, stats, context) / context.world_size
         jacobian, rows = jacobian.with_matrix(full), list(range(k))
@@ -164,7 +170,8 @@ class Solved:
     def task_jacobian(self, present: list[int]) -> torch.Tensor:
         """The present tasks' rows of J as one matrix (for rules that read J)."""
         assert self.jacobian is not None
-        return self.jacobian.matrix()[present]
+        matrix = self.jacobian.matrix()
+        return matrix if present == list(range(matrix.shape[0])) else matrix[present]
 
 
 def place_gram(

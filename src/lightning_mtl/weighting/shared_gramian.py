@@ -92,6 +92,7 @@ class SharedGramian:
         cotangents: Sequence[Sequence[torch.Tensor | None]],
         features: Sequence[torch.Tensor],
         scale: float | None,
+        exact: bool = False,
     ) -> torch.Tensor | None:
         """``G = J Jᵀ`` for the task gradients ``cotangents`` (one list per task, one part per
         tensor of ``features``, the meeting's tensors; None for a tensor the task does not reach).
@@ -100,6 +101,8 @@ class SharedGramian:
         ``(∂z/∂θ)ᵀ rowᵢ``, the i-th row of J. With a GradScaler ``scale`` the rows are scaled
         before the backbone's (fp16) backward and G is divided by scale² in float32. Returns
         None (the caller forms J instead) when the engine is absent or refuses this graph.
+        ``exact`` is not honoured: torchjd forms G in the modules' dtype (this engine serves
+        only the Jacobians above ``weighting.jacobian_budget_mb``).
         """
         self.used = False
         if self._engine is None:
