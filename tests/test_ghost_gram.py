@@ -111,12 +111,18 @@ def engine(method) -> GhostGram:
     return gram
 
 
-def test_ghost_gram_equals_explicit_gram_on_every_layer_kind_and_gives_the_same_update() -> None:
+def test_ghost_gram_equals_explicit_gram_on_every_layer_kind_and_gives_the_same_update(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     images = torch.randn(4, 3, 4, 4)
     net = Mixed()
     reference = copy.deepcopy(net)
     method = build_weighting("upgrad", TASKS, level="params")
-    gram, grads = run_step(method, net, images)
+    with caplog.at_level(logging.INFO):
+        gram, grads = run_step(method, net, images)
+        run_step(method, net, images)
+    # the source of G is said once per place and source
+    assert caplog.text.count("the params-level G at 'shared' comes from the ghost products") == 1
     ghost = engine(method)
     assert ghost.used and ghost.verified and not ghost.disabled
     assert not any(m._forward_hooks for m in net.modules())  # unhooked once G is formed
@@ -260,8 +266,11 @@ class NoGradLinear(nn.Module):
         return h * self.scale
 
 
-def test_the_plan_leaves_steps_to_the_jacobian_where_ghost_products_would_cost_more() -> None:
+def test_the_plan_leaves_steps_to_the_jacobian_where_ghost_products_would_cost_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     torch.manual_seed(0)
+    caplog.set_level(logging.INFO)
     # no layer the engine can read (a depthwise convolution; a layer run without grad): the
     # ghost path's extra backward pass would buy nothing
     for net, images in [
@@ -273,6 +282,8 @@ def test_the_plan_leaves_steps_to_the_jacobian_where_ghost_products_would_cost_m
         gram, _ = run_step(method, net, x)
         assert not engine(method).used and not engine(method).disabled
         torch.testing.assert_close(gram, explicit_gram(net, x), rtol=1e-5, atol=1e-9)
+    assert "comes from the explicit k×D Jacobian" in caplog.text
+    assert "ghost products" not in caplog.text
     # a head that ghost products serve (2 positions) after a large stem that they do not
     # (512 positions): the products would save less than the extra backward pass costs
     stem_and_head = nn.Sequential(

@@ -123,6 +123,7 @@ class GradientWeighting(Weighting):
         self.last_gram: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._warned_inactive: set[str] = set()
+        self._gram_sources: set[tuple[str, str]] = set()
         #: the params-level Gram engine serving each meeting place (by name) this step
         self._gramians: dict[str, GhostGram | SharedGramian] = {}
         self._engines: dict[tuple[str, str], GhostGram | SharedGramian] = {}
@@ -184,6 +185,15 @@ class GradientWeighting(Weighting):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message, *args)
+
+    def note_gram_source(self, place: str, source: str) -> None:
+        """One INFO line per place and source of the params-level G, the first time that source
+        serves it (the ghost plan, the budget and the engines' checks may change it)."""
+        if (place, source) not in self._gram_sources:
+            self._gram_sources.add((place, source))
+            log.info(
+                "%s: the params-level G at %r comes from %s", type(self).__name__, place, source
+            )
 
     def warn_inactive(self, place: MeetingPlace, why: str) -> None:
         """Once per place: it has nothing to balance (see :func:`balance`)."""

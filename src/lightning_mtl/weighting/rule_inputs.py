@@ -22,6 +22,7 @@ import torch
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import Meeting
 from lightning_mtl.weighting.base import StepContext
+from lightning_mtl.weighting.ghost_gram import GhostGram
 from lightning_mtl.weighting.jacobian import (
     ParameterJacobian,
     batch_halves,
@@ -71,8 +72,10 @@ def rule_inputs(
             cotangents, meeting.tensors, context.grad_scale, method.exact_gram
         )
         if engine_gram is not None:
+            method.note_gram_source(meeting.place.name, _source(gramian))
             return Solved.of(engine_gram.double(), local, k, shares)
     params = meeting.place.trainable_parameters()
+    method.note_gram_source(meeting.place.name, "the explicit k×D Jacobian")
     jacobian = parameter_jacobian(cotangents, meeting.tensors, params, context.grad_scale)
     rows = list(local)  # the row of each task (halves: then the same again, + len(local))
     if context.all_reduce is not None or method.needs_jacobian:
@@ -114,6 +117,13 @@ def rule_inputs(
     )
     solved.jacobian, solved.rows, solved.shares = jacobian, rows, shares
     return solved
+
+
+def _source(engine: object) -> str:
+    """How an engine formed G, for :meth:`GradientWeighting.note_gram_source`."""
+    if isinstance(engine, GhostGram):
+        return "the ghost products (no weight gradient of the layers they read)"
+    return "torchjd's autogram engine (the k×D Jacobian is above weighting.jacobian_budget_mb)"
 
 
 class Solved:
