@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_mtl.models.meeting import MeetingPlace
 from lightning_mtl.weighting.ghost_layers import LayerCall, plan
-from lightning_mtl.weighting.jacobian import ParameterJacobian
+from lightning_mtl.weighting.jacobian import ParameterJacobian, backward_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class GhostGram:
     """Hooks a meeting place's linear and convolution modules for one step and forms G from
     their recorded inputs and the task gradients of their outputs (see the module docstring).
     The same interface as :class:`~lightning_mtl.weighting.shared_gramian.SharedGramian`."""
+
+    #: how G was formed, for the run's log
+    source = "the ghost products (no weight gradient of the layers they read)"
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
@@ -160,17 +163,9 @@ class GhostGram:
         self._covered = {id(p) for p in params if id(p) in covered}
         self.ghost_parameters = sum(p.numel() for p in params if id(p) in covered)
         outputs = [layer.call.output for layer in layers]
-        deltas: list[list[torch.Tensor | None]] = [[] for _ in layers]
-        per_row: list[list[torch.Tensor]] = []
-        for got in _backward_rows(cotangents, features, [*outputs, *usual], scale):
-            for i in range(len(layers)):
-                deltas[i].append(got[i])
-            per_row.append(
-                [
-                    g.float() if g is not None else torch.zeros_like(p, dtype=torch.float32)
-                    for g, p in zip(got[len(layers) :], usual, strict=True)
-                ]
-            )
+        got = backward_rows(cotangents, features, [*outputs, *usual], scale)
+        deltas = [[row[i] for row in got] for i in range(len(layers))]
+        per_row = [row[len(layers) :] for row in got]
         gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
         if rows == 0:
             return gram
@@ -197,7 +192,7 @@ class GhostGram:
         params = self._parameters
         explicit = [
             sum(float(g.double().square().sum()) for g in got if g is not None)
-            for got in _backward_rows(cotangents, features, params, scale)
+            for got in backward_rows(cotangents, features, params, scale)
         ]
         expected = torch.tensor(explicit, dtype=torch.float64)
         if not explicit:
@@ -214,34 +209,3 @@ class GhostGram:
             "k×D Jacobian from now on (exact, more memory).",
             why,
         )
-
-
-def _backward_rows(
-    cotangents: Sequence[Sequence[torch.Tensor | None]],
-    features: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    scale: float | None,
-) -> list[list[torch.Tensor | None]]:
-    """Per row, the gradients of ``inputs`` of ``Σ_t ⟨features[t], row[t]⟩``, one backward pass
-    each, the graph kept (None: an input the row does not reach). With a GradScaler ``scale``
-    the row is scaled before the pass and the gradients divided by it in float32."""
-    factor = scale or 1.0
-    results: list[list[torch.Tensor | None]] = []
-    for row in cotangents:
-        reached = [
-            (feature, part)
-            for feature, part in zip(features, row, strict=True)
-            if part is not None and feature.requires_grad
-        ]
-        if not reached or not inputs:
-            results.append([None] * len(inputs))
-            continue
-        got = torch.autograd.grad(
-            [feature for feature, _ in reached],
-            list(inputs),
-            grad_outputs=[(part * factor).to(feature.dtype) for feature, part in reached],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        results.append([None if g is None else (g.float() / factor if scale else g) for g in got])
-    return results

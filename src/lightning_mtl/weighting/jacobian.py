@@ -90,13 +90,23 @@ class ParameterJacobian:
         self,
         params: Sequence[torch.nn.Parameter],
         blocks: Sequence[torch.Tensor] | None = None,
-        per_row: Sequence[Sequence[torch.Tensor]] | None = None,
+        per_row: Sequence[Sequence[torch.Tensor | None]] | None = None,
     ) -> None:
         self.params = list(params)
         #: the m×D matrix whose column blocks ``blocks`` are (:meth:`with_matrix`), else None
         self._matrix: torch.Tensor | None = None
         self._blocks = None if blocks is None else [b.reshape(b.shape[0], -1) for b in blocks]
-        self._per_row = None if per_row is None else [[g.reshape(-1) for g in r] for r in per_row]
+        self._per_row = (
+            None
+            if per_row is None
+            else [
+                [
+                    (g if g is not None else torch.zeros_like(p, dtype=torch.float32)).reshape(-1)
+                    for g, p in zip(r, self.params, strict=True)
+                ]
+                for r in per_row
+            ]
+        )
 
     @property
     def rows(self) -> int:
@@ -245,34 +255,41 @@ def parameter_jacobian(
                     "params-level Jacobian takes one backward pass per task",
                     str(error).splitlines()[0],
                 )
-    per_row: list[Sequence[torch.Tensor | None]] = []
-    for r in range(rows):  # from the tensors this row reaches only
-        reached = [i for i in used if cotangents[r][i] is not None]
-        if not reached:
-            per_row.append([None] * len(params))
+    return ParameterJacobian(params, per_row=backward_rows(cotangents, tensors, params, scale))
+
+
+def backward_rows(
+    cotangents: Sequence[Sequence[torch.Tensor | None]],
+    tensors: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    scale: float | None,
+) -> list[list[torch.Tensor | None]]:
+    """Per row, the gradients (float32) of ``inputs`` (parameters, or intermediate tensors) of
+    ``Σ_t ⟨tensors[t], row[t]⟩``: one backward pass each, from the tensors the row reaches only,
+    the graph kept (None: an input the row does not reach). With a GradScaler ``scale`` the row
+    is scaled before the (fp16) pass and the gradients unscaled in float32."""
+    factor = scale or 1.0
+    results: list[list[torch.Tensor | None]] = []
+    for row in cotangents:
+        reached = [
+            (tensor, part)
+            for tensor, part in zip(tensors, row, strict=True)
+            if part is not None and tensor.requires_grad
+        ]
+        if not reached or not inputs:
+            results.append([None] * len(inputs))
             continue
-        per_row.append(
-            torch.autograd.grad(
-                [tensors[i] for i in reached],
-                list(params),
-                grad_outputs=[cotangent(r, i) for i in reached],
-                retain_graph=True,
-                allow_unused=True,
-            )
+        got = torch.autograd.grad(
+            [tensor for tensor, _ in reached],
+            list(inputs),
+            grad_outputs=[(part * factor).to(tensor.dtype) for tensor, part in reached],
+            retain_graph=True,
+            allow_unused=True,
         )
-    unscale = 1.0 / factor if scale is not None else None
-    return ParameterJacobian(
-        params,
-        per_row=[
-            [
-                (g.float() * unscale if unscale else g.float())
-                if g is not None
-                else torch.zeros_like(p)
-                for g, p in zip(row, params, strict=True)
-            ]
-            for row in per_row
-        ],
-    )
+        results.append(
+            [None if g is None else (g.float() / factor if scale else g.float()) for g in got]
+        )
+    return results
 
 
 def inject_into_parameters(

@@ -22,7 +22,6 @@ import torch
 from lightning_mtl.errors import ConfigError
 from lightning_mtl.models.meeting import Meeting
 from lightning_mtl.weighting.base import StepContext
-from lightning_mtl.weighting.ghost_gram import GhostGram
 from lightning_mtl.weighting.jacobian import (
     ParameterJacobian,
     batch_halves,
@@ -72,7 +71,7 @@ def rule_inputs(
             cotangents, meeting.tensors, context.grad_scale, method.exact_gram
         )
         if engine_gram is not None:
-            method.note_gram_source(meeting.place.name, _source(gramian))
+            method.note_gram_source(meeting.place.name, gramian.source)
             return Solved.of(engine_gram.double(), local, k, shares)
     params = meeting.place.trainable_parameters()
     method.note_gram_source(meeting.place.name, "the explicit k×D Jacobian")
@@ -117,13 +116,6 @@ def rule_inputs(
     )
     solved.jacobian, solved.rows, solved.shares = jacobian, rows, shares
     return solved
-
-
-def _source(engine: object) -> str:
-    """How an engine formed G, for :meth:`GradientWeighting.note_gram_source`."""
-    if isinstance(engine, GhostGram):
-        return "the ghost products (no weight gradient of the layers they read)"
-    return "torchjd's autogram engine (the k×D Jacobian is above weighting.jacobian_budget_mb)"
 
 
 class Solved:

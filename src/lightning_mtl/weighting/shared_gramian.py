@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 class SharedGramian:
     """Hooks the backbone for one step with a torchjd autogram engine and queries it."""
 
+    #: how G was formed, for the run's log
+    source = "torchjd's autogram engine (the k×D Jacobian is above weighting.jacobian_budget_mb)"
+
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._warned_autocast = False
